@@ -106,7 +106,7 @@ def bench_train(data_dir: str | None, experiments: Sequence[str], steps: int,
                 batch_size: int, seq_len: int, work_dir: str) -> list[dict[str, Any]]:
     from muse_tf import config as config_lib
     from muse_tf.data import reader
-    from muse_tf.train import build_ranking_model
+    from muse_tf.models.factory import build_ranking_model
 
     if not data_dir:
         from muse_tf import demo
@@ -191,7 +191,7 @@ def _ranking_request(examples: dict[str, np.ndarray], seq_len: int,
                      candidates: int) -> dict[str, np.ndarray]:
     """One user (row 0) whose history is its demo history repeated to ``seq_len``, and
     ``candidates`` targets of other examples."""
-    from muse_tf import export
+    from muse_tf.export import ranking as export
 
     length = max(1, int(examples[schema.HISTORY_LENGTH][0]))
     request: dict[str, np.ndarray] = {}
@@ -213,8 +213,9 @@ def bench_serving(work_dir: str, lengths: Sequence[int], data_dir: str | None = 
                   concurrency: Sequence[int] = (1, 8)) -> list[dict[str, Any]]:
     """gRPC latency of the exported ``muse`` ranker through the local server."""
     from muse_tf import config as config_lib
-    from muse_tf import export
-    from muse_tf.train import build_ranking_model
+    from muse_tf.data.data_dir import DataDir
+    from muse_tf.export import ranking as export
+    from muse_tf.models.factory import build_ranking_model
     from serving.bench import grpc_latency
     from serving.server import serve
 
@@ -224,7 +225,7 @@ def bench_serving(work_dir: str, lengths: Sequence[int], data_dir: str | None = 
         data_dir = demo.ensure_demo_data()
     config = config_lib.resolve("muse")
     config.data.data_dir = data_dir
-    examples = export._warmup_examples(config, schema.MAX_HISTORY_LEN)
+    examples = export.warmup_batch(DataDir.open(data_dir), schema.MAX_HISTORY_LEN)
     rows = []
     for length in lengths:
         model_dir = os.path.join(work_dir, f"serving_{length}")

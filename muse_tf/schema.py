@@ -127,6 +127,15 @@ INPUT_FEATURES: tuple[Feature, ...] = tuple(f for f in FEATURES if f is not LABE
 ITEM_SIDE_FEATURES: tuple[Feature, ...] = (ITEM_ID, ITEM_CATEGORY, *ITEM_ATTRIBUTES)
 #: Features describing the user (one row per user in a ranking request).
 USER_SIDE_FEATURES: tuple[Feature, ...] = (USER_ID, *USER_ATTRIBUTES)
+#: Tensor names of a retrieval query / the user block of a ranking request: the user
+#: features, the padded history and its length.
+QUERY_FEATURES: tuple[str, ...] = (
+    *(f.name for f in USER_SIDE_FEATURES), *(f.name for f in SEQUENCE_FEATURES), HISTORY_LENGTH)
+#: Tensor name of the candidate count of a ranking request (candidates are right-padded).
+NUM_CANDIDATES = "num_candidates"
+#: dtype of the length tensors (``hist_len``, ``num_candidates``) everywhere: reader, model
+#: inputs and serving signatures.
+LENGTH_DTYPE = "int32"
 
 
 def by_name(name: str) -> Feature:

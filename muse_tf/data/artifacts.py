@@ -58,6 +58,19 @@ def load_metadata(data_dir: str) -> dict[str, Any]:
     return metadata
 
 
+def max_seq_len_from_metadata(metadata: dict[str, Any], path: str) -> int:
+    """``max_seq_len`` of a metadata dict (top level, else under ``"options"``), else
+    :data:`muse_tf.schema.MAX_HISTORY_LEN`; ``path`` names the file in errors."""
+    value = metadata.get("max_seq_len")
+    if value is None:
+        value = (metadata.get("options") or {}).get("max_seq_len")
+    if value is None:
+        return schema.MAX_HISTORY_LEN
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"max_seq_len in {path!r} must be a positive int, got {value!r}")
+    return value
+
+
 def load_vocabulary(
     data_dir: str, vocabulary: str, min_count: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:

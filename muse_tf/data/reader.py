@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from muse_tf import schema
 from muse_tf.data import artifacts, layout
+from muse_tf.data.data_dir import DataDir, split_files
 
 #: Default number of serialized examples in the shuffle buffer. With 1,000-long histories a
 #: record is about 30 KB, so this buffer holds about 250 MB.
@@ -42,33 +43,12 @@ def default_max_seq_len(data_dir: str) -> int:
     under ``"options"``), else :data:`muse_tf.schema.MAX_HISTORY_LEN`."""
     if not tf.io.gfile.exists(layout.metadata_path(data_dir)):
         return schema.MAX_HISTORY_LEN
-    metadata = artifacts.load_metadata(data_dir)
-    value = metadata.get("max_seq_len")
-    if value is None:
-        value = (metadata.get("options") or {}).get("max_seq_len")
-    if value is None:
-        return schema.MAX_HISTORY_LEN
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(
-            f"max_seq_len in {layout.metadata_path(data_dir)!r} must be a positive int, "
-            f"got {value!r}")
-    return value
-
-
-def split_files(data_dir: str, split: str) -> list[str]:
-    """The record shards of ``split``, sorted; raises ``FileNotFoundError`` naming the
-    directory and split when there are none."""
-    pattern = layout.split_pattern(data_dir, split)
-    files = sorted(tf.io.gfile.glob(pattern))
-    if not files:
-        raise FileNotFoundError(
-            f"no record shards for split {split!r} in {data_dir!r} (pattern {pattern!r}); "
-            f"the splits a Beam output directory holds are {list(layout.SPLITS)}")
-    return files
+    return artifacts.max_seq_len_from_metadata(artifacts.load_metadata(data_dir),
+                                               layout.metadata_path(data_dir))
 
 
 def make_dataset(
-    data_dir: str,
+    data_dir: str | DataDir,
     split: str,
     batch_size: int,
     *,
@@ -84,7 +64,8 @@ def make_dataset(
     """Batches of dense tensors from split ``split`` of the Beam output directory.
 
     Args:
-      data_dir: the Beam output directory (:mod:`muse_tf.data.layout`).
+      data_dir: the Beam output directory (:mod:`muse_tf.data.layout`), as a path or an
+        opened :class:`~muse_tf.data.data_dir.DataDir` (whose files and length are used).
       split: ``"train"`` or ``"test"`` (any sub-directory holding shards).
       batch_size: impressions per batch.
       max_seq_len: static length of the sequence tensors; default
@@ -103,9 +84,12 @@ def make_dataset(
     Returns:
       A dataset of dicts; see the module docstring for names, shapes and dtypes.
     """
-    files = split_files(data_dir, split)
-    if max_seq_len is None:
-        max_seq_len = default_max_seq_len(data_dir)
+    if isinstance(data_dir, DataDir):
+        files = data_dir.split_files(split)
+        max_seq_len = max_seq_len or data_dir.max_seq_len
+    else:
+        files = split_files(data_dir, split)
+        max_seq_len = max_seq_len or default_max_seq_len(data_dir)
     return make_dataset_from_files(
         files, batch_size, max_seq_len, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
         repeat=repeat, deterministic=deterministic, seed=seed, drop_remainder=drop_remainder,

@@ -15,7 +15,8 @@ import os
 import numpy as np
 
 from muse_tf import schema
-from muse_tf.data import artifacts
+from muse_tf.data.data_dir import DataDir
+from muse_tf.embeddings.arrays import normalise_rows, sorted_positions
 from muse_tf.embeddings.id_lookup import NUM_RESERVED_ROWS
 
 
@@ -35,21 +36,22 @@ def _write(path: str, ids: np.ndarray, counts: np.ndarray) -> None:
         f.writelines(f"{i}\t{c}\n" for i, c in zip(ids.tolist(), counts.tolist(), strict=True))
 
 
-def build_vocabularies(data_dir: str, out_dir: str, min_count: int = 1,
+def build_vocabularies(data_dir: str | DataDir, out_dir: str, min_count: int = 1,
                        mm_item_ids: np.ndarray | None = None) -> dict[str, Vocabulary]:
     """Write every schema vocabulary into ``out_dir`` and describe them.
 
     Args:
-      data_dir: a Beam output directory.
+      data_dir: a Beam output directory (path or :class:`~muse_tf.data.data_dir.DataDir`).
       out_dir: where to write ``<vocabulary>.tsv`` (e.g. ``MODEL_DIR/vocab``).
       min_count: ids with fewer train occurrences keep a row but share the OOV ID embedding.
       mm_item_ids: item ids of the multimodal table, appended to the item vocabulary when
         they are not in it.
     """
+    data = DataDir.open(data_dir)
     os.makedirs(out_dir, exist_ok=True)
     out: dict[str, Vocabulary] = {}
     for name in schema.vocabularies():
-        ids, counts = artifacts.load_vocabulary(data_dir, name)
+        ids, counts = data.vocabulary(name)
         num_embedded = int(np.sum(counts >= min_count))
         if name == schema.ITEM_ID.vocabulary and mm_item_ids is not None and len(mm_item_ids):
             extra = np.setdiff1d(mm_item_ids[mm_item_ids != 0], ids)
@@ -82,11 +84,7 @@ def normalised_mm_matrix(vocab_ids: np.ndarray, mm_ids: np.ndarray,
     if len(mm_ids) == 0 or len(vocab_ids) == 0:
         return table
     order = np.argsort(mm_ids, kind="stable")
-    sorted_ids = mm_ids[order]
-    pos = np.clip(np.searchsorted(sorted_ids, vocab_ids), 0, len(sorted_ids) - 1)
-    found = sorted_ids[pos] == vocab_ids
-    vectors = mm_vectors[order[pos[found]]].astype(np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    vectors = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
-    table[NUM_RESERVED_ROWS + np.flatnonzero(found)] = vectors
+    positions, found = sorted_positions(mm_ids[order], vocab_ids)
+    table[NUM_RESERVED_ROWS + np.flatnonzero(found)] = normalise_rows(
+        mm_vectors[order[positions[found]]])
     return table

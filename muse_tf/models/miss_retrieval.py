@@ -24,7 +24,7 @@ top-down with a learned (user, node) scorer. This module holds:
 * :class:`MissTreeIndex`: the layer-wise beam search (:func:`~muse_tf.index.beam_search.
   tree_beam_search`) over a trained scorer: ``call(features, k) -> (scores, item_ids)``, the
   query interface of the TFRS top-k layers. Stock TensorFlow ops only, so it exports for TF
-  Serving (:mod:`muse_tf.retrieval_export`).
+  Serving (:mod:`muse_tf.export.retrieval`).
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ import tensorflow_recommenders as tfrs
 from muse_tf import schema
 from muse_tf.config import ModelConfig
 from muse_tf.embeddings import FrozenMultimodalTable, IdLookup, Vocabulary
+from muse_tf.embeddings.arrays import in_sorted, normalise_rows
 from muse_tf.index.beam_search import BeamSearchResult, TreeTensors, tree_beam_search
 from muse_tf.index.tree import IndexTree
 from muse_tf.layers import IdEmbeddingGSU, MLPTower, MultimodalGSU, TargetAttention
-from muse_tf.models.ranking import history_mask, newest_positions
+from muse_tf.layers.masking import history_mask, masked_mean, newest_positions
 
 __all__ = [
     "NODE_IDS",
@@ -64,30 +65,11 @@ NODE_IDS = "node_ids"
 NODE_LABELS = "node_labels"
 
 #: Raw features a retrieval query needs (user side + padded history + its length).
-QUERY_FEATURES: tuple[str, ...] = (
-    *(f.name for f in schema.USER_SIDE_FEATURES),
-    schema.HISTORY_ITEM_ID.name,
-    schema.HISTORY_CATEGORY.name,
-    schema.HISTORY_LENGTH,
-)
+QUERY_FEATURES: tuple[str, ...] = schema.QUERY_FEATURES
 
 
-def normalise_rows(vectors: np.ndarray) -> np.ndarray:
-    """float32 copy of ``vectors`` ``[N, D]`` with unit-L2 rows (all-zero rows stay zero)."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2:
-        raise ValueError(f"vectors must be [N, D]; got shape {vectors.shape}")
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
-
-
-def in_index(sorted_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
-    """bool mask (shape of ``item_ids``): which ids occur in the ascending ``sorted_ids``."""
-    item_ids = np.asarray(item_ids, dtype=np.int64)
-    if len(sorted_ids) == 0:
-        return np.zeros(item_ids.shape, bool)
-    pos = np.minimum(np.searchsorted(sorted_ids, item_ids), len(sorted_ids) - 1)
-    return sorted_ids[pos] == item_ids
+#: Kept for callers of the first version: membership in a sorted id array.
+in_index = in_sorted
 
 
 def training_nodes(
@@ -281,15 +263,6 @@ class RetrievalFeatures(tf.keras.layers.Layer):
                 "id_embedding_dim": self.id_embedding_dim, "mm_dim": self.mm_dim,
                 "short_term_len": self.short_term_len,
                 "use_user_attributes": self.use_user_attributes}
-
-
-def masked_mean(vectors: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
-    """Mean of ``vectors`` ``[B, L, D]`` over the positions where ``mask`` ``[B, L]`` holds:
-    ``[B, D]``; zeros for a row with no valid position."""
-    weights = tf.cast(mask, vectors.dtype)[..., tf.newaxis]
-    total = tf.reduce_sum(vectors * weights, axis=1)
-    count = tf.reduce_sum(weights, axis=1)
-    return tf.math.divide_no_nan(total, count)
 
 
 class MissNodeScorer(tfrs.models.Model):

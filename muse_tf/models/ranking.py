@@ -39,43 +39,21 @@ from muse_tf.layers import (
     SimTier,
     TargetAttention,
 )
+from muse_tf.layers.masking import (
+    flatten_candidates,
+    history_mask,
+    masked_mean,
+    newest_positions,
+)
 from muse_tf.layers.search_unit import select_top_k
+from muse_tf.training.step import TwoOptimizerModel
+
+_flatten_candidates = flatten_candidates
 
 _EMBEDDING_PREFIX = "id_embedding_"
 
 
-def history_mask(ids: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
-    """bool ``[B, L]``: position < length and id != 0 (right-padded histories)."""
-    positions = tf.range(tf.shape(ids)[1], dtype=tf.int32)[tf.newaxis, :]
-    return (positions < tf.cast(lengths, tf.int32)[:, tf.newaxis]) & (ids != 0)
-
-
-def masked_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
-    """Mean of ``values`` ``[B, S, D]`` over the positions where ``mask`` ``[B, S]`` holds
-    (zeros for a row with none)."""
-    weights = tf.cast(mask, values.dtype)[:, :, tf.newaxis]
-    count = tf.maximum(tf.reduce_sum(weights, axis=1), 1.0)
-    return tf.reduce_sum(values * weights, axis=1) / count
-
-
-def _flatten_candidates(x: tf.Tensor) -> tf.Tensor:
-    """``[B, C, ...]`` -> ``[B*C, ...]`` (static trailing dimensions kept)."""
-    return tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], axis=0)) if x.shape.rank is None \
-        else tf.reshape(x, [-1, *[d if d is not None else -1 for d in x.shape[2:]]])
-
-
-def newest_positions(lengths: tf.Tensor, count: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Positions of the newest ``count`` behaviours (oldest of them first) and their mask.
-
-    Returns int32 ``[B, count]`` positions clipped to 0 and bool ``[B, count]`` (False where
-    the history is shorter than ``count``).
-    """
-    lengths = tf.cast(lengths, tf.int32)[:, tf.newaxis]
-    positions = lengths - count + tf.range(count, dtype=tf.int32)[tf.newaxis, :]
-    return tf.maximum(positions, 0), positions >= 0
-
-
-class RankingModel(tfrs.models.Model):
+class RankingModel(TwoOptimizerModel):
     """CTR ranking model whose GSU/ESU parts are chosen by :class:`ModelConfig`.
 
     Args:
@@ -351,40 +329,3 @@ class RankingModel(tfrs.models.Model):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         global_batch = tf.cast(tf.shape(labels)[0] * replicas, loss.dtype)
         return loss / tf.maximum(global_batch, 1.0)
-
-    def compile_with_learning_rates(self, embedding_learning_rate: float,
-                                    dense_learning_rate: float, **kwargs: Any) -> None:
-        """Adam for ID embeddings and Adam for everything else, each with its rate."""
-        self.embedding_optimizer = tf.keras.optimizers.Adam(embedding_learning_rate)
-        self.compile(optimizer=tf.keras.optimizers.Adam(dense_learning_rate), **kwargs)
-
-    def _split_variables(self) -> tuple[list[tf.Variable], list[tf.Variable]]:
-        embedding_vars = self.embedding_variables()
-        embedding_ids = {id(v) for v in embedding_vars}
-        return embedding_vars, [v for v in self.trainable_variables
-                                if id(v) not in embedding_ids]
-
-    def build_for(self, batch: dict[str, tf.Tensor]) -> None:
-        """Create every weight and optimizer slot outside ``tf.function`` (call once, inside
-        the distribution strategy's scope, before ``fit``)."""
-        self(batch, training=False)
-        embedding_vars, dense_vars = self._split_variables()
-        if getattr(self, "embedding_optimizer", None) is not None:
-            self.embedding_optimizer.build(embedding_vars)
-        if self.optimizer is not None:
-            self.optimizer.build(dense_vars)
-
-    def train_step(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        embedding_vars, dense_vars = self._split_variables()
-        with tf.GradientTape() as tape:
-            loss = self.compute_loss(inputs, training=True)
-            regularization_loss = tf.reduce_sum([tf.reduce_sum(x) for x in self.losses])
-            total_loss = loss + regularization_loss
-        gradients = tape.gradient(total_loss, embedding_vars + dense_vars)
-        optimizer = getattr(self, "embedding_optimizer", None) or self.optimizer
-        split = len(embedding_vars)
-        optimizer.apply_gradients(zip(gradients[:split], embedding_vars, strict=True))
-        self.optimizer.apply_gradients(zip(gradients[split:], dense_vars, strict=True))
-        metrics = {metric.name: metric.result() for metric in self.metrics}
-        metrics.update(loss=loss, regularization_loss=regularization_loss, total_loss=total_loss)
-        return metrics

@@ -30,7 +30,8 @@ import tensorflow_recommenders as tfrs
 from muse_tf import schema
 from muse_tf.config import ModelConfig
 from muse_tf.embeddings import Vocabulary
-from muse_tf.models.miss_retrieval import RetrievalFeatures, masked_mean
+from muse_tf.layers.masking import masked_mean
+from muse_tf.models.miss_retrieval import RetrievalFeatures
 
 __all__ = ["ItemTower", "TwoTowerModel", "UserTower"]
 

@@ -18,6 +18,7 @@ from muse_tf.config import ModelConfig
 from muse_tf.data import artifacts
 from muse_tf.embeddings import build_vocabularies, normalised_mm_matrix
 from muse_tf.embeddings.vocabulary import read_vocabulary_ids
+from muse_tf.export.retrieval import export_retrieval, serving_signature
 from muse_tf.index.tree import IndexTree
 from muse_tf.models.miss_retrieval import (
     NODE_IDS,
@@ -30,7 +31,6 @@ from muse_tf.models.miss_retrieval import (
     normalise_rows,
     training_nodes,
 )
-from muse_tf.retrieval_export import export_retrieval, serving_signature
 
 SEQ_LEN = 12
 SMALL = ModelConfig(id_embedding_dim=4, top_k=4, short_term_len=3, num_heads=2, head_dim=4,

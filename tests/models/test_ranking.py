@@ -10,8 +10,8 @@ import muse_tf  # noqa: F401
 from muse_tf import config as config_lib
 from muse_tf import schema
 from muse_tf.data import reader
-from muse_tf.models.ranking import history_mask, masked_mean, newest_positions
-from muse_tf.train import build_ranking_model
+from muse_tf.layers.masking import history_mask, masked_mean, newest_positions
+from muse_tf.models.factory import build_ranking_model
 
 SMALL = ["model.top_k=4", "model.short_term_len=3", "model.num_tiers=4",
          "model.tower_units=[8]", "model.head_dim=4"]

@@ -19,10 +19,10 @@ from muse_tf.config import ModelConfig
 from muse_tf.data import artifacts
 from muse_tf.embeddings import build_vocabularies, normalised_mm_matrix
 from muse_tf.embeddings.vocabulary import read_vocabulary_ids
+from muse_tf.export.retrieval import export_retrieval
 from muse_tf.index.brute_force import brute_force_index, numpy_top_k
 from muse_tf.index.scann_index import scann_index
 from muse_tf.models.two_tower import TwoTowerModel
-from muse_tf.retrieval_export import export_retrieval
 
 SEQ_LEN = 12
 SMALL = ModelConfig(id_embedding_dim=4, short_term_len=3, tower_units=[16])

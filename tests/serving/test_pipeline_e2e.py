@@ -8,8 +8,10 @@ import tensorflow as tf
 from tensorflow_serving.config import model_server_config_pb2
 
 from muse_tf import config as config_lib
-from muse_tf import export, retrieval_export, retrieval_train, schema
-from muse_tf.train import run_experiment
+from muse_tf import schema
+from muse_tf.export import ranking as export
+from muse_tf.export import retrieval as retrieval_export
+from muse_tf.training.experiment import run_experiment
 from serving import pipeline, ranking
 from serving.client import PredictionClient
 from serving.server import serve
@@ -23,7 +25,7 @@ TINY = ["data.batch_size=8", "model.top_k=4", "model.id_embedding_dim=4",
 def served(tiny_data, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("pipeline"))
     retrieval_dir, ranking_dir = os.path.join(root, "miss"), os.path.join(root, "muse")
-    retrieval_train.run_experiment(config_lib.resolve("miss_retrieval", assignments=TINY),
+    run_experiment(config_lib.resolve("miss_retrieval", assignments=TINY),
                                    retrieval_dir, tiny_data.path)
     run_experiment(config_lib.resolve("muse", assignments=TINY), ranking_dir, tiny_data.path)
     config = model_server_config_pb2.ModelServerConfig()

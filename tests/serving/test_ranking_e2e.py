@@ -6,8 +6,10 @@ import pytest
 import tensorflow as tf
 
 from muse_tf import config as config_lib
-from muse_tf import export, schema
-from muse_tf.train import run_experiment
+from muse_tf import schema
+from muse_tf.data.data_dir import DataDir
+from muse_tf.export import ranking as export
+from muse_tf.training.ranking import run_ranking as run_experiment
 from serving import ranking
 from serving.client import PredictionClient, build_predict_request
 from serving.server import serve
@@ -42,7 +44,7 @@ def _user(example, row):
 @pytest.mark.slow
 def test_served_scores_equal_in_process_predictions(served):
     model, config, handle, info = served
-    examples = export._warmup_examples(config, info["max_seq_len"])
+    examples = export.warmup_batch(DataDir.open(config.data.data_dir), info["max_seq_len"])
     size = len(examples[schema.ITEM_ID.name])
     with PredictionClient(handle.address) as client:
         for row in range(3):
@@ -64,7 +66,7 @@ def test_served_scores_equal_in_process_predictions(served):
 @pytest.mark.slow
 def test_too_long_history_and_too_many_candidates_are_invalid_arguments(served):
     _, config, handle, info = served
-    examples = export._warmup_examples(config, info["max_seq_len"])
+    examples = export.warmup_batch(DataDir.open(config.data.data_dir), info["max_seq_len"])
     user, items, categories = _user(examples, 0)
     candidate = {f.name: int(examples[f.name][0]) for f in schema.ITEM_SIDE_FEATURES}
     too_long = [7] * (info["max_seq_len"] + 1)

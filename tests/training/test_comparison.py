@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from muse_tf import experiments
+from muse_tf.training import comparison as experiments
 
 
 def test_quantile_groups_are_equal_sized_even_with_ties():

@@ -12,8 +12,11 @@ import tensorflow as tf
 
 import muse_tf  # noqa: F401
 from muse_tf import config as config_lib
-from muse_tf import export, schema
-from muse_tf.train import run_experiment
+from muse_tf import schema
+from muse_tf.data.data_dir import DataDir
+from muse_tf.export import ranking as export
+from muse_tf.export.__main__ import main as export_main
+from muse_tf.training.ranking import run_ranking as run_experiment
 
 SMALL = ["data.batch_size=4", "model.top_k=4", "model.short_term_len=3", "train.verbose=0",
          "model.tower_units=[8]", "model.num_tiers=4"]
@@ -31,7 +34,7 @@ def trained(tiny_data_dir, tmp_path_factory):
 
 
 def _requests(config, max_seq_len):
-    examples = export._warmup_examples(config, max_seq_len)
+    examples = export.warmup_batch(DataDir.open(config.data.data_dir), max_seq_len)
     return export.requests_from_examples(examples, max_seq_len, MAX_CANDIDATES, 4, 4)
 
 
@@ -135,7 +138,7 @@ def test_warmup_requests_are_prediction_logs_the_model_accepts(trained):
 
 def test_versions_increase_and_cli_exports(trained):
     _, _, model_dir, path = trained
-    assert export.main(["--model-dir", model_dir, "--max-candidates", "3"]) == 0
+    assert export_main(["--model-dir", model_dir, "--max-candidates", "3"]) == 0
     base = os.path.dirname(path)
     versions = sorted(int(v) for v in os.listdir(base) if v.isdigit())
     assert versions == [int(os.path.basename(path)), int(os.path.basename(path)) + 1]

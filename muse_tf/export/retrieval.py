@@ -12,7 +12,7 @@ Every export is a versioned directory ``EXPORT_ROOT/<model name>/<version>/`` wi
 (raw ids, as in production logs; ``user_id`` is accepted so a client sends the same user
 block as to the ranking model, but no retrieval model reads it), warm-up requests in
 ``assets.extra/tf_serving_warmup_requests`` and the signature described in
-``assets.extra/muse_tf_signature.json`` (as the ranking export, :mod:`muse_tf.export`).
+``assets.extra/muse_tf_signature.json`` (as the ranking export, :mod:`muse_tf.export.ranking`).
 
 * ``miss_retrieval``: the MISS tree beam search (:class:`MissTreeIndex`) — stock ops only;
 * ``two_tower_brute_force``: user tower + exact top-k (TFRS ``BruteForce``) — stock ops only,
@@ -34,7 +34,10 @@ import numpy as np
 import tensorflow as tf
 
 from muse_tf import schema
-from muse_tf.models.miss_retrieval import QUERY_FEATURES
+from muse_tf.export.publish import SIGNATURE_NAME, publish_export, version_dirs
+from muse_tf.export.warmup import write_warmup
+
+QUERY_FEATURES = schema.QUERY_FEATURES
 
 __all__ = [
     "BRUTE_FORCE_MODEL_NAME",
@@ -52,7 +55,6 @@ EXPORT_DIR = "export"
 MISS_MODEL_NAME = "miss_retrieval"
 BRUTE_FORCE_MODEL_NAME = "two_tower_brute_force"
 SCANN_MODEL_NAME = "two_tower_scann"
-SIGNATURE_NAME = "serving_default"
 OUTPUT_IDS = "item_ids"
 OUTPUT_SCORES = "scores"
 
@@ -145,7 +147,7 @@ def export_retrieval(index: Any, model_root: str, *, k: int, max_seq_len: int,
                      warmup_features: Mapping[str, np.ndarray] | None = None) -> str:
     """Saves ``index`` as ``model_root/<version>`` with the ``serving_default`` signature.
 
-    As the ranking export (:mod:`muse_tf.export`): written into a temporary directory and
+    As the ranking export (:mod:`muse_tf.export.ranking`): written into a temporary directory and
     renamed, so a server polling ``model_root`` never sees a half-written version; warm-up
     requests and ``assets.extra/muse_tf_signature.json`` beside it.
 
@@ -163,23 +165,13 @@ def export_retrieval(index: Any, model_root: str, *, k: int, max_seq_len: int,
     Returns:
       The version directory.
     """
-    from muse_tf.export import next_version, publish_export, write_warmup
-
-    version = next_version(model_root) if version is None else version
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"version must be a positive int, got {version!r}")
-    version_dir = os.path.join(model_root, str(version))
-    if tf.io.gfile.exists(version_dir):
-        raise FileExistsError(f"export version {version} exists already at {version_dir}")
+    tmp_dir, version_dir = version_dirs(model_root, version)
     module = RetrievalServingModule(index, k, max_seq_len)
     options = None
     if scann:
         from muse_tf.index.scann_index import scann_save_options
 
         options = scann_save_options()
-    tmp_dir = os.path.join(model_root, f".tmp-{version}")
-    if tf.io.gfile.exists(tmp_dir):
-        tf.io.gfile.rmtree(tmp_dir)
     with _without_keras_traces():
         tf.saved_model.save(module, tmp_dir, signatures={SIGNATURE_NAME: module.serve},
                             options=options)

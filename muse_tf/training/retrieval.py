@@ -1,5 +1,5 @@
-"""Train, evaluate and export the retrieval experiments (``task`` = ``miss_retrieval`` or
-``two_tower``); called by ``python -m muse_tf.train --experiment miss_retrieval|two_tower``.
+"""The retrieval runs (``task`` = ``miss_retrieval`` or ``two_tower``): train, evaluate,
+export; ``python -m muse_tf.train --experiment miss_retrieval|two_tower``.
 
 Both experiments use the same data and catalogue:
 
@@ -26,7 +26,7 @@ Both experiments use the same data and catalogue:
   for every query.
 
 Writes ``config.yaml``, ``vocab/``, ``checkpoints/``, ``metrics.json`` and (with
-``train.export``) versioned SavedModels under ``export/`` (:mod:`muse_tf.retrieval_export`).
+``train.export``) versioned SavedModels under ``export/`` (:mod:`muse_tf.export.retrieval`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -42,9 +42,13 @@ import tensorflow as tf
 
 from muse_tf import config as config_lib
 from muse_tf import metrics as metrics_lib
-from muse_tf import retrieval_export, schema
+from muse_tf import schema
 from muse_tf.data import reader
+from muse_tf.data.data_dir import DataDir
+from muse_tf.export import retrieval as retrieval_export
+from muse_tf.export.retrieval import serving_signature
 from muse_tf.index.tree import IndexTree
+from muse_tf.models.factory import build_item_tables
 from muse_tf.models.miss_retrieval import (
     NODE_IDS,
     NODE_LABELS,
@@ -56,11 +60,15 @@ from muse_tf.models.miss_retrieval import (
     training_nodes,
 )
 from muse_tf.models.two_tower import TwoTowerModel
-from muse_tf.retrieval_export import serving_signature
-from muse_tf.train import METRICS_FILE, build_item_tables, max_seq_len_of, prepare_run
+from muse_tf.training.evaluation import (
+    RECALL_CUTOFFS,
+    evaluate_retrieval,
+    popularity_recall,
+    recall_report,
+)
+from muse_tf.training.runs import METRICS_FILE, max_seq_len_of, prepare_run
 
 TREE_FILE = "index_tree.npz"
-RECALL_CUTOFFS = (50, 100, 200)
 #: Impressions read per batch before keeping the clicked ones.
 _READ_BATCH = 1024
 #: Cap on B * M * L elements of one MISS scoring call ([B, M, L] similarity tensors).
@@ -194,72 +202,6 @@ def _fit(config: config_lib.ExperimentConfig, batches: Callable[[], Iterator[dic
             "train_examples_per_sec": examples / seconds if seconds else float("nan")}
 
 
-# ------------------------------------------------------------------------------ evaluation
-
-
-def recall_report(retrieved: np.ndarray, targets: np.ndarray, catalogue_size: int,
-                  cutoffs: Sequence[int] = RECALL_CUTOFFS) -> dict[str, float | None]:
-    """``recall@N`` for each cut-off. A list shorter than N is complete when it holds the
-    whole catalogue (then recall@N = recall@list length); otherwise recall@N is ``None``."""
-    width = retrieved.shape[1]
-    out: dict[str, float | None] = {}
-    for n in cutoffs:
-        if n <= width:
-            out.update(metrics_lib.recall_at_n(retrieved, targets, [n]))
-        elif width >= catalogue_size:
-            out[f"recall@{n}"] = metrics_lib.recall_at_n(retrieved, targets, [width])[
-                f"recall@{width}"]
-        else:
-            out[f"recall@{n}"] = None
-    return out
-
-
-def evaluate_retrieval(search: Callable[[dict[str, tf.Tensor]], Any],
-                       batches: Iterator[dict[str, tf.Tensor]], *,
-                       on_result: Callable[[Any, np.ndarray], None] | None = None,
-                       max_steps: int = 0) -> dict[str, Any]:
-    """Runs ``search`` (query features → ``{"item_ids": ...}`` or ``(scores, ids)``) over
-    clicked query batches; returns retrieved ids ``[Q, k]``, targets ``[Q]``, timing."""
-    retrieved, targets = [], []
-    seconds = 0.0
-    warmed = False
-    for i, batch in enumerate(batches):
-        if max_steps and i >= max_steps:
-            break
-        features = query_features(batch)
-        if not warmed:
-            search(features)  # traces the function: not timed
-            warmed = True
-        start = time.perf_counter()
-        result = search(features)
-        ids = (result["item_ids"] if isinstance(result, dict) else result[1]).numpy()
-        seconds += time.perf_counter() - start
-        target = batch[schema.ITEM_ID.name].numpy()
-        retrieved.append(ids)
-        targets.append(target)
-        if on_result is not None:
-            on_result(result, target)
-    if not targets:
-        raise ValueError("the test split has no clicked impression to evaluate retrieval on")
-    queries = int(sum(len(t) for t in targets))
-    return {"retrieved": np.concatenate(retrieved), "targets": np.concatenate(targets),
-            "queries": queries, "seconds": seconds,
-            "queries_per_sec": queries / seconds if seconds else float("nan")}
-
-
-def popularity_recall(popular_ids: np.ndarray, targets: np.ndarray, top_n: int,
-                      catalogue_size: int) -> dict[str, Any]:
-    """Recall of the popularity baseline: the same ``top_n`` most clicked train items for every
-    query. When fewer than ``top_n`` items were ever clicked the list holds all of them and is
-    complete (the others have no popularity to rank them by)."""
-    top = np.asarray(popular_ids[:top_n], dtype=np.int64)
-    if len(top) == 0:
-        return {f"recall@{n}": 0.0 for n in RECALL_CUTOFFS}
-    retrieved = np.broadcast_to(top, (len(targets), len(top)))
-    complete = len(top) if len(top) < top_n else catalogue_size
-    return recall_report(retrieved, targets, complete)
-
-
 # ------------------------------------------------------------------------------ the runs
 
 
@@ -269,13 +211,15 @@ def _prepare(config: config_lib.ExperimentConfig, model_dir: str,
     if config.task not in ("miss_retrieval", "two_tower"):
         raise ValueError(f"retrieval_train runs task miss_retrieval or two_tower, got "
                          f"task={config.task!r} (experiment {config.name!r})")
-    data_dir = prepare_run(config, model_dir, data_dir)
-    vocabularies, table, mm_ids, mm_vectors = build_item_tables(config, data_dir, model_dir)
-    catalogue = Catalogue(mm_ids, mm_vectors)
+    data = prepare_run(config, model_dir, data_dir)
+    tables = build_item_tables(config, data, model_dir)
+    vocabularies, table = tables.vocabularies, tables.mm_table
+    catalogue = Catalogue(tables.mm_ids, tables.mm_vectors)
+    data_dir = data.path
     if len(catalogue) < 2:
         raise ValueError(f"{data_dir}: the multimodal table holds {len(catalogue)} usable "
                          "item(s); retrieval needs at least 2")
-    return data_dir, max_seq_len_of(config, data_dir), vocabularies, table, catalogue
+    return data_dir, max_seq_len_of(config, data), vocabularies, table, catalogue
 
 
 def _clicked_training_batches(config: config_lib.ExperimentConfig, data_dir: str, seq_len: int,
@@ -531,8 +475,8 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
     return result
 
 
-def run_experiment(config: config_lib.ExperimentConfig, model_dir: str,
-                   data_dir: str | None = None) -> dict[str, Any]:
+def run_retrieval(config: config_lib.ExperimentConfig, model_dir: str,
+                  data_dir: str | DataDir | None = None) -> dict[str, Any]:
     """Train + evaluate (+ export) a retrieval experiment; returns the metrics dict (also
     written to ``MODEL_DIR/metrics.json``)."""
     if config.task == "miss_retrieval":
@@ -541,3 +485,17 @@ def run_experiment(config: config_lib.ExperimentConfig, model_dir: str,
         return run_two_tower(config, model_dir, data_dir)
     raise ValueError(f"retrieval_train runs task miss_retrieval or two_tower, got "
                      f"task={config.task!r} (experiment {config.name!r})")
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """The table printed at the end of a retrieval run."""
+    from muse_tf.training.runs import markdown_table
+
+    test = result["test"]
+    rows = [(result["experiment"], *(test.get(f"recall@{n}") for n in RECALL_CUTOFFS),
+             test.get("queries_per_sec"))]
+    if "popularity" in test:
+        rows.append(("popularity", *(test["popularity"].get(f"recall@{n}")
+                                     for n in RECALL_CUTOFFS), None))
+    return markdown_table(["method", *(f"recall@{n}" for n in RECALL_CUTOFFS), "queries/s"],
+                          rows)

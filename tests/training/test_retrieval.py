@@ -1,4 +1,4 @@
-"""Tests for muse_tf.retrieval_train (and the retrieval-compare table): recall bookkeeping,
+"""Tests for muse_tf.training.retrieval (and the retrieval-compare table): recall bookkeeping,
 click counts, and tiny end-to-end runs of both retrieval experiments."""
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from muse_tf import config as config_lib
-from muse_tf import retrieval_train
-from muse_tf.index.tree import IndexTree
-from muse_tf.retrieval_compare import format_table
-from muse_tf.retrieval_export import (
+from muse_tf.export.retrieval import (
     BRUTE_FORCE_MODEL_NAME,
     MISS_MODEL_NAME,
     SCANN_MODEL_NAME,
 )
+from muse_tf.index.tree import IndexTree
+from muse_tf.training import evaluation
+from muse_tf.training import retrieval as retrieval_train
+from muse_tf.training.comparison import format_table
 
 TINY = ["data.batch_size=8", "model.top_k=4", "model.id_embedding_dim=4",
         "model.tower_units=[16]", "model.short_term_len=4", "train.epochs=2", "train.verbose=0"]
@@ -32,22 +33,22 @@ def test_recall_report_handles_short_lists():
     retrieved = np.array([[1, 2, 3], [4, 5, 6]])
     targets = np.array([3, 9])
     # The list holds the whole 3-item catalogue: recall@50 = recall@3.
-    assert retrieval_train.recall_report(retrieved, targets, 3, (2, 50)) == {
+    assert evaluation.recall_report(retrieved, targets, 3, (2, 50)) == {
         "recall@2": 0.0, "recall@50": 0.5}
     # A 3-item list out of a 10-item catalogue says nothing about recall@50.
-    assert retrieval_train.recall_report(retrieved, targets, 10, (3, 50)) == {
+    assert evaluation.recall_report(retrieved, targets, 10, (3, 50)) == {
         "recall@3": 0.5, "recall@50": None}
 
 
 def test_popularity_recall_uses_the_same_list_for_every_query():
     popular, targets = np.array([7, 8, 9]), np.array([8, 1, 9, 9])
     # A 2-item list out of 100 items says nothing about recall@50.
-    assert retrieval_train.popularity_recall(popular, targets, 2, 100) == {
+    assert evaluation.popularity_recall(popular, targets, 2, 100) == {
         "recall@50": None, "recall@100": None, "recall@200": None}
     # Only 3 items were ever clicked: the list of all of them is complete.
-    assert retrieval_train.popularity_recall(popular, targets, 200, 100) == {
+    assert evaluation.popularity_recall(popular, targets, 200, 100) == {
         "recall@50": 0.75, "recall@100": 0.75, "recall@200": 0.75}
-    assert retrieval_train.popularity_recall(popular[:0], targets, 200, 100)["recall@50"] == 0
+    assert evaluation.popularity_recall(popular[:0], targets, 200, 100)["recall@50"] == 0
 
 
 def test_click_counts_match_the_records(tiny_data):
@@ -68,14 +69,14 @@ def test_catalogue_drops_rows_without_a_direction():
 
 def test_run_experiment_rejects_a_ranking_config(tmp_path):
     with pytest.raises(ValueError, match="task miss_retrieval or two_tower"):
-        retrieval_train.run_experiment(config_lib.get_experiment("muse"), str(tmp_path))
+        retrieval_train.run_retrieval(config_lib.get_experiment("muse"), str(tmp_path))
 
 
 @pytest.mark.slow
 def test_miss_retrieval_end_to_end(tiny_data, tmp_path):
     config = config_lib.resolve("miss_retrieval", assignments=TINY)
     model_dir = str(tmp_path / "miss")
-    result = retrieval_train.run_experiment(config, model_dir, tiny_data.path)
+    result = retrieval_train.run_retrieval(config, model_dir, tiny_data.path)
     with open(os.path.join(model_dir, "metrics.json")) as f:
         written = json.load(f)
     assert written["test"] == json.loads(json.dumps(result["test"]))
@@ -106,7 +107,7 @@ def test_miss_retrieval_with_a_pruned_beam_reports_every_level(tiny_data, tmp_pa
     config = config_lib.resolve("miss_retrieval", assignments=[
         *TINY, "retrieval.beam_width=4", "retrieval.top_n=8", "train.export=false",
         "train.epochs=1"])
-    result = retrieval_train.run_experiment(config, str(tmp_path / "miss"), tiny_data.path)
+    result = retrieval_train.run_retrieval(config, str(tmp_path / "miss"), tiny_data.path)
     test = result["test"]
     assert test["k"] == 8 and test["recall@50"] is None  # 8 of 36 items retrieved
     assert list(test["per_level_recall"]) == ["3", "4", "5", "6"]  # level 3: 8 nodes > 4
@@ -120,7 +121,7 @@ def test_miss_retrieval_with_a_pruned_beam_reports_every_level(tiny_data, tmp_pa
 def test_two_tower_end_to_end(tiny_data, tmp_path):
     config = config_lib.resolve("two_tower", assignments=TINY)
     model_dir = str(tmp_path / "two_tower")
-    result = retrieval_train.run_experiment(config, model_dir, tiny_data.path)
+    result = retrieval_train.run_retrieval(config, model_dir, tiny_data.path)
     with open(os.path.join(model_dir, "metrics.json")) as f:
         test = json.load(f)["test"]
     catalogue = len(tiny_data.embedding_ids)
@@ -140,7 +141,7 @@ def test_two_tower_end_to_end(tiny_data, tmp_path):
 
 
 def test_warmup_requests_are_one_user_rows_of_the_signature():
-    from muse_tf.retrieval_export import example_request, serving_signature, warmup_requests
+    from muse_tf.export.retrieval import example_request, serving_signature, warmup_requests
 
     features = example_request(6, batch_size=3, seed=1)
     features["hist_len"] = np.array([2, 9, 6], np.int32)  # 9 > L: clipped

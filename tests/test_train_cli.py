@@ -8,6 +8,8 @@ import pytest
 
 from muse_tf import config as config_lib
 from muse_tf import train
+from muse_tf.training import evaluation, runs
+from muse_tf.training.ranking import PREDICTIONS_FILE, run_ranking
 
 SHRINK = ["data.batch_size=4", "data.eval_batch_size=8", "model.top_k=4",
           "model.short_term_len=3", "model.num_tiers=4", "model.tower_units=[8]",
@@ -21,16 +23,16 @@ RANKING = sorted(n for n in config_lib.experiments()
 def test_every_registered_experiment_trains_a_step_and_evaluates(name, tiny_data_dir,
                                                                   tmp_path):
     config = config_lib.resolve(name, assignments=SHRINK)
-    result = train.run_experiment(config, str(tmp_path), tiny_data_dir)
+    result = run_ranking(config, str(tmp_path), tiny_data_dir)
     test = result["test"]
     assert test["examples"] == 16  # every test example of the tiny directory, once
     assert 0.0 <= test["auc"] <= 1.0 and 0.0 < test["logloss"] < 5.0
     assert np.isfinite(test["gauc"]) or np.isnan(test["gauc"])
-    with open(os.path.join(str(tmp_path), train.METRICS_FILE)) as f:
+    with open(os.path.join(str(tmp_path), runs.METRICS_FILE)) as f:
         saved = json.load(f)
     assert set(saved["test"]) >= {"auc", "gauc", "logloss", "examples"}
     assert "train_examples_per_sec" in saved
-    resolved = config_lib.load_yaml(os.path.join(str(tmp_path), train.CONFIG_FILE))
+    resolved = config_lib.load_yaml(os.path.join(str(tmp_path), runs.CONFIG_FILE))
     assert resolved["model"]["top_k"] == 4 and resolved["name"] == name
 
 
@@ -43,12 +45,12 @@ def test_cli_writes_metrics_checkpoints_logs_and_export(tiny_data_dir, tmp_path,
     assert rc == 0
     out = capsys.readouterr().out
     assert "| din |" in out and "GAUC" in out
-    assert os.path.exists(os.path.join(model_dir, train.METRICS_FILE))
+    assert os.path.exists(os.path.join(model_dir, runs.METRICS_FILE))
     assert os.listdir(os.path.join(model_dir, "checkpoints"))
     assert os.listdir(os.path.join(model_dir, "logs"))
     export_dirs = os.listdir(os.path.join(model_dir, "export", "ranker"))
     assert export_dirs == ["1"]
-    predictions = np.load(os.path.join(model_dir, train.PREDICTIONS_FILE))
+    predictions = np.load(os.path.join(model_dir, PREDICTIONS_FILE))
     assert len(predictions["score"]) == 16
 
 
@@ -58,7 +60,7 @@ def test_evaluate_predictions_uses_gauc_and_logloss():
                    "label": np.array([1, 0, 0, 1, 1], np.float32),
                    "hist_len": np.zeros(5, np.int32),
                    "score": np.array([0.9, 0.1, 0.8, 0.2, 0.5], np.float32)}
-    result = train.evaluate_predictions(predictions)
+    result = evaluation.evaluate_predictions(predictions)
     # user 1 ranks right, user 2 wrong, user 3 single-class (skipped): GAUC = 0.5.
     assert result["gauc"] == pytest.approx(0.5)
     assert result["examples"] == 5
@@ -67,4 +69,4 @@ def test_evaluate_predictions_uses_gauc_and_logloss():
 def test_retrieval_task_is_refused_by_the_ranking_runner(tiny_data_dir, tmp_path):
     config = config_lib.get_experiment("miss_retrieval")
     with pytest.raises(ValueError, match="not a ranking task"):
-        train.run_experiment(config, str(tmp_path), tiny_data_dir)
+        run_ranking(config, str(tmp_path), tiny_data_dir)

@@ -1,4 +1,4 @@
-"""Paper-style comparisons: ``python -m muse_tf.experiments compare|ablation ...``.
+"""Paper-style comparisons (``python -m muse_tf.compare compare|ablation|retrieval``).
 
 ``compare`` trains and evaluates each named experiment on the same Beam output directory and
 writes a markdown table (AUC, GAUC, Δ GAUC vs the baseline, ``din`` by default) and PNG plots
@@ -6,17 +6,15 @@ of the relative GAUC gain over the baseline by 9 user groups of history length a
 item-popularity groups (MUSE paper, Fig. 6). Relative gain of a group =
 ``GAUC_model / GAUC_baseline - 1`` over that group's test samples.
 ``ablation table1|table2|table3`` does the same for the paper's ablation tables.
-``retrieval-compare`` prints recall@N and queries/s of the MISS tree, the two-tower model
+``retrieval`` prints recall@N and queries/s of the MISS tree, the two-tower model
 (brute force and ScaNN) and popularity.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,11 @@ import numpy as np
 from muse_tf import config as config_lib
 from muse_tf import metrics as metrics_lib
 from muse_tf import schema
+from muse_tf.data.data_dir import DataDir
+from muse_tf.embeddings.arrays import sorted_positions
+from muse_tf.training.evaluation import RECALL_CUTOFFS
+from muse_tf.training.experiment import run_experiment
+from muse_tf.training.ranking import PREDICTIONS_FILE
 
 NUM_GROUPS = 9
 
@@ -58,30 +61,24 @@ def group_gauc(predictions: dict[str, np.ndarray], groups: np.ndarray,
     return out
 
 
-def item_popularity(data_dir: str, item_ids: np.ndarray) -> np.ndarray:
+def item_popularity(data: DataDir, item_ids: np.ndarray) -> np.ndarray:
     """Train occurrences of each item (0 for items not in the train vocabulary)."""
-    from muse_tf.data import artifacts
-
-    ids, counts = artifacts.load_vocabulary(data_dir, schema.ITEM_ID.vocabulary)
-    order = np.argsort(ids)
-    sorted_ids = ids[order]
-    pos = np.clip(np.searchsorted(sorted_ids, item_ids), 0, max(len(ids) - 1, 0))
-    found = (sorted_ids[pos] == item_ids) if len(ids) else np.zeros(len(item_ids), bool)
-    return np.where(found, counts[order][pos] if len(ids) else 0, 0)
+    ids, counts = data.vocabulary(schema.ITEM_ID.vocabulary)
+    order = np.argsort(ids, kind="stable")
+    positions, found = sorted_positions(ids[order], item_ids)
+    return np.where(found, counts[order][positions] if len(ids) else 0, 0)
 
 
 def _load_predictions(model_dir: str) -> dict[str, np.ndarray]:
-    from muse_tf.train import PREDICTIONS_FILE
-
     with np.load(os.path.join(model_dir, PREDICTIONS_FILE)) as data:
         return {k: data[k] for k in data.files}
 
 
-def compare(data_dir: str, names: Sequence[str], out_dir: str, baseline: str = "din",
-            assignments: Sequence[str] = (), title: str = "comparison") -> str:
+def compare(data_dir: str | DataDir, names: Sequence[str], out_dir: str,
+            baseline: str = "din", assignments: Sequence[str] = (),
+            title: str = "comparison") -> str:
     """Train/evaluate ``names`` (+ the baseline), write table + plots; returns the markdown."""
-    from muse_tf.train import run_experiment
-
+    data = DataDir.open(data_dir)
     names = list(dict.fromkeys([baseline, *names]))
     os.makedirs(out_dir, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
@@ -89,7 +86,7 @@ def compare(data_dir: str, names: Sequence[str], out_dir: str, baseline: str = "
         config = config_lib.resolve(name, assignments=[*assignments, "train.export=false"])
         model_dir = os.path.join(out_dir, name)
         print(f"== {name}: {config_lib.experiments()[name]}", flush=True)
-        results[name] = run_experiment(config, model_dir, data_dir)
+        results[name] = run_experiment(config, model_dir, data)
 
     base = results[baseline]["test"]
     lines = [f"### {title}", "",
@@ -102,7 +99,7 @@ def compare(data_dir: str, names: Sequence[str], out_dir: str, baseline: str = "
                      f"{results[name]['train_examples_per_sec']:.0f} |")
     table = "\n".join(lines)
 
-    groups = _group_gains(data_dir, out_dir, names, baseline)
+    groups = _group_gains(data, out_dir, names, baseline)
     with open(os.path.join(out_dir, "groups.json"), "w") as f:
         json.dump(groups, f, indent=2)
     _plot(groups, out_dir, baseline)
@@ -113,12 +110,12 @@ def compare(data_dir: str, names: Sequence[str], out_dir: str, baseline: str = "
     return table
 
 
-def _group_gains(data_dir: str, out_dir: str, names: Sequence[str],
+def _group_gains(data: DataDir, out_dir: str, names: Sequence[str],
                  baseline: str) -> dict[str, Any]:
     predictions = {name: _load_predictions(os.path.join(out_dir, name)) for name in names}
     ref = predictions[baseline]
     by_length = quantile_groups(ref[schema.HISTORY_LENGTH].astype(np.float64))
-    popularity = item_popularity(data_dir, ref[schema.ITEM_ID.name])
+    popularity = item_popularity(data, ref[schema.ITEM_ID.name])
     by_popularity = quantile_groups(popularity.astype(np.float64))
     out: dict[str, Any] = {"groups": NUM_GROUPS, "history_length": {}, "item_popularity": {}}
     for key, groups in (("history_length", by_length), ("item_popularity", by_popularity)):
@@ -155,40 +152,48 @@ def _plot(groups: dict[str, Any], out_dir: str, baseline: str) -> None:
         plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m muse_tf.experiments", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    cmp_parser = sub.add_parser("compare", help="main models and baselines")
-    cmp_parser.add_argument("--experiments", default="muse,din,sim_hard,sim_soft,twin,miss")
-    abl_parser = sub.add_parser("ablation", help="the paper's ablation tables")
-    abl_parser.add_argument("table", choices=sorted(config_lib.ABLATIONS))
-    ret_parser = sub.add_parser("retrieval-compare", help="MISS tree vs two-tower (brute force, "
-                                "ScaNN) vs popularity: recall@N and queries/s")
-    for p in (cmp_parser, abl_parser, ret_parser):
-        p.add_argument("--data", required=True, help="a Beam output directory")
-        p.add_argument("--out", default="runs/compare" if p is not ret_parser
-                       else "runs/retrieval_compare")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    for p in (cmp_parser, abl_parser):
-        p.add_argument("--baseline", default="din")
-    args = parser.parse_args(argv)
-    if args.command == "retrieval-compare":
-        from muse_tf.retrieval_compare import retrieval_compare
+def _cell(value: Any, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
 
-        retrieval_compare(args.data, args.out, args.set)
-        return 0
-    if args.command == "compare":
-        names = [n for n in args.experiments.split(",") if n]
-        title = "Main comparison"
+
+def format_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table: one row per method, from a ``metrics.json``-style ``test`` section
+    (``recall@N`` keys, optional ``queries_per_sec``; ``None`` prints as —)."""
+    header = "| method | " + " | ".join(f"recall@{n}" for n in RECALL_CUTOFFS) + " | queries/s |"
+    lines = [header, "|---" * (len(RECALL_CUTOFFS) + 2) + "|"]
+    for method, test in rows.items():
+        recalls = " | ".join(_cell(test.get(f"recall@{n}"), ".4f") for n in RECALL_CUTOFFS)
+        lines.append(f"| {method} | {recalls} | {_cell(test.get('queries_per_sec'), '.0f')} |")
+    return "\n".join(lines)
+
+
+def retrieval_compare(data_dir: str | DataDir, out_dir: str,
+                      assignments: Sequence[str] = ()) -> str:
+    """Runs both retrieval experiments on ``data_dir`` (``assignments``: ``key=value``
+    overrides applied to both); returns the markdown table."""
+    data = DataDir.open(data_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    for name in ("miss_retrieval", "two_tower"):
+        config = config_lib.resolve(name, assignments=assignments)
+        print(f"== {name}: {config_lib.experiments()[name]}", flush=True)
+        results[name] = run_experiment(config, os.path.join(out_dir, name), data)
+    miss, two_tower = results["miss_retrieval"]["test"], results["two_tower"]["test"]
+    rows = {"MISS tree beam search": miss, "two-tower brute force": two_tower}
+    if "error" in two_tower.get("scann", {}):
+        rows["two-tower ScaNN (unavailable: " + two_tower["scann"]["error"] + ")"] = {}
     else:
-        names = config_lib.ABLATIONS[args.table]
-        title = f"Ablation {args.table}"
-    table = compare(args.data, names, args.out, args.baseline, args.set, title)
-    print(table)
-    print(f"\nplots and results in {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        rows["two-tower ScaNN"] = two_tower["scann"]
+    rows["popularity"] = miss["popularity"]
+    table = "\n".join([
+        "### Retrieval comparison", "",
+        f"{miss['queries']} clicked test impressions; catalogue of "
+        f"{results['miss_retrieval']['index']['items']} items (tree depth "
+        f"{results['miss_retrieval']['index']['depth']}, beam width "
+        f"{results['miss_retrieval']['index']['beam_width']}).", "",
+        format_table(rows)])
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=float)
+    return table
