@@ -16,17 +16,6 @@ from typing import Any
 
 import yaml
 
-#: Long-term general search units (GSU) over the lifelong history.
-GSU_CHOICES = (
-    "none",                  # no lifelong search (DIN: newest behaviours only)
-    "multimodal",            # MUSE: cosine of frozen multimodal (SCL) embeddings, top-K
-    "category",              # SIM-hard: behaviours of the target's category, newest first
-    "id",                    # SIM-soft: inner product of ID embeddings, top-K
-    "attention",             # TWIN: target-attention score as the search, top-K
-    "projected_multimodal",  # Table 2: learned projection before the multimodal similarity
-    "multimodal_plus_id",    # Table 2: multimodal cosine + ID-embedding cosine
-    "miss",                  # MISS: Co-GSU (ID) top-K/2 + MM-GSU (multimodal) top-K/2
-)
 #: Exact search units (ESU) over the retrieved behaviours; any non-empty combination.
 ESU_CHOICES = ("ta", "sa_ta", "simtier")
 TASK_CHOICES = ("ranking", "miss_retrieval", "two_tower")
@@ -53,7 +42,7 @@ class ModelConfig:
     short_term_len: int = 50
     use_user_attributes: bool = True
     use_item_attributes: bool = True
-    gsu: str = "multimodal"
+    gsu: str = "multimodal"      # a name of muse_tf.models.search_units.SEARCH_UNITS, or "none"
     top_k: int = 50
     esu: list[str] = dataclasses.field(default_factory=lambda: ["sa_ta", "simtier"])
     num_heads: int = 2
@@ -106,8 +95,15 @@ class ExperimentConfig:
         if self.task not in TASK_CHOICES:
             raise ValueError(f"task={self.task!r} is not one of {TASK_CHOICES}")
         model = self.model
-        if model.gsu not in GSU_CHOICES:
-            raise ValueError(f"model.gsu={model.gsu!r} is not one of {GSU_CHOICES}")
+        # The searches are the registry's names (one place to add one); imported here so
+        # that reading a config does not load TensorFlow.
+        from muse_tf.models.search_units import search_names
+
+        if model.gsu not in search_names():
+            raise ValueError(f"model.gsu={model.gsu!r} is not one of {search_names()}")
+        if model.gsu == "attention" and not {"ta", "sa_ta"} & set(model.esu):
+            raise ValueError("model.gsu='attention' (TWIN) scores with the ESU's target "
+                             f"attention: model.esu must hold 'ta' or 'sa_ta', got {model.esu}")
         bad = [part for part in model.esu if part not in ESU_CHOICES]
         if bad or not model.esu:
             raise ValueError(f"model.esu={model.esu!r}: a non-empty list of {ESU_CHOICES}")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from muse_tf import config as config_lib
+from muse_tf import metrics as metrics_lib
 from muse_tf import train
 from muse_tf.training import evaluation, runs
 from muse_tf.training.ranking import PREDICTIONS_FILE, run_ranking
@@ -27,7 +28,15 @@ def test_every_registered_experiment_trains_a_step_and_evaluates(name, tiny_data
     test = result["test"]
     assert test["examples"] == 16  # every test example of the tiny directory, once
     assert 0.0 <= test["auc"] <= 1.0 and 0.0 < test["logloss"] < 5.0
-    assert np.isfinite(test["gauc"]) or np.isnan(test["gauc"])
+    # The reported figures are those of the saved per-example predictions, and the tiny test
+    # split has two-class users, so GAUC is a number.
+    predictions = np.load(os.path.join(str(tmp_path), PREDICTIONS_FILE))
+    assert test["gauc"] == pytest.approx(metrics_lib.gauc(
+        predictions["user_id"], predictions["label"], predictions["score"]))
+    assert test["auc"] == pytest.approx(metrics_lib.auc(predictions["label"],
+                                                        predictions["score"]))
+    assert 0.0 <= test["gauc"] <= 1.0
+    assert len(result["train_loss"]) == 1 and np.isfinite(result["train_loss"][0])
     with open(os.path.join(str(tmp_path), runs.METRICS_FILE)) as f:
         saved = json.load(f)
     assert set(saved["test"]) >= {"auc", "gauc", "logloss", "examples"}

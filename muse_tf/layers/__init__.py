@@ -7,6 +7,7 @@ selects or weights padding.
 from muse_tf.layers.attention_gsu import AttentionGSU
 from muse_tf.layers.attention_logits import MultiHeadAttentionLogits
 from muse_tf.layers.category_gsu import CategoryGSU
+from muse_tf.layers.co_multimodal_gsu import CoMultimodalGSU
 from muse_tf.layers.dice import Dice
 from muse_tf.layers.id_embedding_gsu import IdEmbeddingGSU
 from muse_tf.layers.masked_softmax import masked_softmax
@@ -23,6 +24,7 @@ from muse_tf.layers.topk import masked_top_k
 __all__ = [
     "AttentionGSU",
     "CategoryGSU",
+    "CoMultimodalGSU",
     "Dice",
     "GeneralSearchUnit",
     "IdEmbeddingGSU",

@@ -1,19 +1,20 @@
-"""TWIN-style general search unit: a learned target-attention logit as the retrieval score."""
+"""TWIN-style general search unit: the target-attention logit as the retrieval score."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import tensorflow as tf
 
 from muse_tf.layers.attention_logits import MultiHeadAttentionLogits
 from muse_tf.layers.checks import check_positive_int
-from muse_tf.layers.search_unit import GeneralSearchUnit
+from muse_tf.layers.search_unit import ID, GeneralSearchUnit
 
 
 @tf.keras.utils.register_keras_serializable(package="muse_tf")
 class AttentionGSU(GeneralSearchUnit):
-    """Attention search (TWIN, Chang et al. 2023, "consistency-preserved GSU"; a lifelong
+    """Attention search (TWIN, Chang et al. 2023, "consistency-preserving GSU"; a lifelong
     baseline of the MUSE paper): the behaviours are ranked by the target-attention logit.
 
     ``s_i = (1/H) Σ_h (W_q^h e_t) · (W_k^h e_i) / sqrt(d)`` over the ID embeddings ``e``
@@ -22,48 +23,75 @@ class AttentionGSU(GeneralSearchUnit):
     history (the query is projected into key space), so the cost is that of an inner-product
     search, whatever ``num_heads``/``head_dim``.
 
-    Selection is not differentiable; the projections learn through the returned ``scores``
-    (e.g. an auxiliary GSU loss, or feeding them to the ESU).
+    TWIN's point is that the search and the ESU score with the **same** parameters: pass the
+    ESU's ``logits_layer`` (``TargetAttention.logits_layer``) as ``logits_layer`` and both use
+    one set of weights, trained through the ESU. Without it the layer owns its projections
+    (they learn only through the returned ``scores``). A config round trip rebuilds an owned
+    copy of the logits layer (sharing is a wiring of the model, not a property of the layer).
 
     Call args:
-      target: float ``[batch, dim]``, the target item's ID embedding.
-      history: float ``[batch, L, dim]``, the behaviours' ID embeddings.
-      mask: bool ``[batch, L]``; True = a real behaviour.
+      target: ``{"id": float [B, E] or [B, C, E]}``, the target's ID embedding.
+      history: ``{"id": float [B, L, E]}``, the behaviours' ID embeddings.
+      mask: bool ``[B, L]``; True = a real behaviour.
 
     Returns:
-      ``{"indices": int32 [batch, K], "scores": float32 [batch, K], "mask": bool [batch, K]}``
-      (ties: lower position first).
+      ``{"indices": int32 [B, (C,) K], "scores": float32, "mask": bool}`` (ties: lower
+      position first).
 
     Args:
       top_k: K.
-      num_heads: H.
-      head_dim: d.
-      kernel_initializer: initializer of ``W_q`` and ``W_k``.
+      num_heads: H (ignored when ``logits_layer`` is given).
+      head_dim: d (ignored when ``logits_layer`` is given).
+      kernel_initializer: initializer of ``W_q`` and ``W_k`` of an owned logits layer.
+      logits_layer: a shared :class:`MultiHeadAttentionLogits`, or None.
     """
 
+    target_keys = (ID,)
+    history_keys = (ID,)
+
     def __init__(self, top_k: int, num_heads: int = 4, head_dim: int = 16,
-                 kernel_initializer: Any = "glorot_uniform", **kwargs: Any) -> None:
+                 kernel_initializer: Any = "glorot_uniform",
+                 logits_layer: MultiHeadAttentionLogits | Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(top_k=top_k, **kwargs)
         name = type(self).__name__
-        self.num_heads = check_positive_int(name, "num_heads", num_heads)
-        self.head_dim = check_positive_int(name, "head_dim", head_dim)
+        if isinstance(logits_layer, Mapping):  # from get_config
+            logits_layer = tf.keras.layers.deserialize(dict(logits_layer))
+        if logits_layer is not None and not isinstance(logits_layer, MultiHeadAttentionLogits):
+            raise ValueError(f"{name}: `logits_layer` must be a MultiHeadAttentionLogits, got "
+                             f"{type(logits_layer).__name__}")
         self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)
-        self.logits_layer = MultiHeadAttentionLogits(
-            self.num_heads, self.head_dim, kernel_initializer=self.kernel_initializer,
-            dtype=self.dtype_policy, name="attention_logits")
+        if logits_layer is None:
+            logits_layer = MultiHeadAttentionLogits(
+                check_positive_int(name, "num_heads", num_heads),
+                check_positive_int(name, "head_dim", head_dim),
+                kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy,
+                name="attention_logits")
+        self.logits_layer = logits_layer
+        self.num_heads = logits_layer.num_heads
+        self.head_dim = logits_layer.head_dim
 
-    def build(self, target_shape: tf.TensorShape) -> None:
-        target_shape = tf.TensorShape(target_shape)
-        with tf.name_scope(self.logits_layer.name):
-            self.logits_layer.build(target_shape)
-            # Target and behaviours share the ID embedding space: D_k = D_q.
-            self.logits_layer.build_keys(int(target_shape[-1]))
+    def build(self, target_shape: Any) -> None:
+        shape = tf.TensorShape(target_shape[ID] if isinstance(target_shape, Mapping)
+                               else target_shape)
+        query_shape = tf.TensorShape([None, shape[-1]])
+        if not self.logits_layer.built:
+            with tf.name_scope(self.logits_layer.name):
+                self.logits_layer.build(query_shape)
+        # Target and behaviours share the ID embedding space: D_k = D_q.
+        self.logits_layer.build_keys(int(shape[-1]))
         super().build(target_shape)
 
-    def call(self, target: tf.Tensor, history: tf.Tensor,
-             mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
-        target, history, mask = self._check_target_history(target, history, mask)
-        return self.select(self.logits_layer.head_mean_logits(target, history), mask)
+    def relevance(self, target: Mapping[str, tf.Tensor], history: Mapping[str, tf.Tensor],
+                  mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        query, keys = target[ID], history[ID]
+        if query.shape.rank == 2:
+            return self.logits_layer.head_mean_logits(query, keys), mask
+        # [B, C, E]: project the B*C queries into key space, then one product per user.
+        flat = tf.reshape(query, [-1, query.shape[-1]])
+        key_space = tf.reduce_mean(self.logits_layer.key_space_query(flat, keys), axis=1)
+        key_space = tf.reshape(key_space, [-1, tf.shape(query)[1], keys.shape[-1]])
+        return tf.einsum("bce,ble->bcl", key_space, keys), mask
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -71,5 +99,6 @@ class AttentionGSU(GeneralSearchUnit):
             "num_heads": self.num_heads,
             "head_dim": self.head_dim,
             "kernel_initializer": tf.keras.initializers.serialize(self.kernel_initializer),
+            "logits_layer": tf.keras.layers.serialize(self.logits_layer),
         })
         return config

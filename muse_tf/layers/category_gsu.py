@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import tensorflow as tf
 
-from muse_tf.layers.checks import check_mask, check_rank, check_same_dim
-from muse_tf.layers.search_unit import GeneralSearchUnit
+from muse_tf.layers.search_unit import CATEGORY, GeneralSearchUnit
 from muse_tf.layers.topk import MASK, SCORES
 
 
@@ -21,46 +22,38 @@ class CategoryGSU(GeneralSearchUnit):
     fold it into ``mask`` if missing categories must not match.
 
     Call args:
-      target_category: int ``[batch]``, the target item's category id, or ``[batch, C]``
-        for C candidates searched against the same history (outputs ``[batch, C, K]``).
-      history_categories: int ``[batch, L]`` (same dtype), the behaviours' category ids.
-      mask: bool ``[batch, L]``; True = a real behaviour.
+      target: ``{"category": int [B]}`` (the target's category id) or ``[B, C]`` for C
+        candidates searched against the same history (outputs ``[B, C, K]``).
+      history: ``{"category": int [B, L]}`` (same dtype), the behaviours' category ids.
+      mask: bool ``[B, L]``; True = a real behaviour.
 
     Returns:
-      ``{"indices": int32 [batch, K], "scores": float32 [batch, K], "mask": bool [batch, K]}``
-      with ``scores`` 1.0 on selected slots and 0.0 elsewhere.
+      ``{"indices": int32 [B, (C,) K], "scores": float32, "mask": bool}`` with ``scores``
+      1.0 on selected slots and 0.0 elsewhere.
 
     Args:
       top_k: K, the maximum number of behaviours to retrieve.
     """
 
-    def call(self, target_category: tf.Tensor, history_categories: tf.Tensor,
-             mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    target_keys = (CATEGORY,)
+    history_keys = (CATEGORY,)
+
+    def relevance(self, target: Mapping[str, tf.Tensor], history: Mapping[str, tf.Tensor],
+                  mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         name = type(self).__name__
-        target_category = tf.convert_to_tensor(target_category)
-        history_categories = tf.convert_to_tensor(history_categories)
-        for arg, tensor in (("target_category", target_category),
-                            ("history_categories", history_categories)):
+        target_category, history_categories = target[CATEGORY], history[CATEGORY]
+        for arg, tensor in (("target['category']", target_category),
+                            ("history['category']", history_categories)):
             if not tensor.dtype.is_integer:
                 raise ValueError(
                     f"{name}: `{arg}` must be an integer id tensor, got dtype "
                     f"{tensor.dtype.name} with shape {tuple(tensor.shape.as_list())}")
         if target_category.dtype != history_categories.dtype:
             raise ValueError(
-                f"{name}: `target_category` ({target_category.dtype.name}) and "
-                f"`history_categories` ({history_categories.dtype.name}) must share a dtype")
-        if target_category.shape.rank not in (1, 2, None):
-            raise ValueError(
-                f"{name}: `target_category` must have rank 1 [batch] or 2 [batch, candidates], "
-                f"got rank {target_category.shape.rank} with shape "
-                f"{tuple(target_category.shape.as_list())}")
-        check_rank(name, "history_categories", history_categories, ("batch", "seq_len"))
-        check_same_dim(name, "target_category", target_category, 0,
-                       "history_categories", history_categories, 0, "batch")
-        mask = check_mask(name, mask, history_categories, "history_categories")
-
+                f"{name}: `target['category']` ({target_category.dtype.name}) and "
+                f"`history['category']` ({history_categories.dtype.name}) must share a dtype")
         if target_category.shape.rank == 2:
-            # [batch, C, L]: candidate c matches the history against its own category.
+            # [B, C, L]: candidate c matches the history against its own category.
             match = tf.logical_and(tf.equal(history_categories[:, tf.newaxis, :],
                                             target_category[:, :, tf.newaxis]),
                                    mask[:, tf.newaxis, :])
@@ -70,7 +63,10 @@ class CategoryGSU(GeneralSearchUnit):
         # Rank matches by position so that top-K keeps the newest; float32 is exact for
         # positions below 2**24, far above any history length.
         positions = tf.cast(tf.range(tf.shape(history_categories)[1]), tf.float32)
-        recency = tf.broadcast_to(positions, tf.shape(match))
-        selected = self.select(recency, match)
+        return tf.broadcast_to(positions, tf.shape(match)), match
+
+    def call(self, target: Mapping[str, tf.Tensor], history: Mapping[str, tf.Tensor],
+             mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+        selected = super().call(target, history, mask)
         selected[SCORES] = tf.cast(selected[MASK], tf.float32)
         return selected

@@ -1,12 +1,14 @@
-"""MUSE's general search unit: multimodal cosine similarity, top-K (MUSE paper)."""
+"""MUSE's general search unit: multimodal cosine similarity, top-K (MUSE paper, Sec. 3.2)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import tensorflow as tf
 
-from muse_tf.layers.search_unit import GeneralSearchUnit, inner_product
+from muse_tf.embeddings.multimodal_table import FrozenMultimodalTable
+from muse_tf.layers.search_unit import MM, ROWS, GeneralSearchUnit, broadcast_mask, inner_product
 
 
 @tf.keras.utils.register_keras_serializable(package="muse_tf")
@@ -15,30 +17,59 @@ class MultimodalGSU(GeneralSearchUnit):
     target's (MUSE's GSU: "simplicity suffices in the GSU").
 
     ``r_i = cos(m_t, m_i) = <m_t, m_i>`` for L2-normalised SCL embeddings ``m``, then the
-    top-K valid ``r_i`` (``K = 50`` in the paper). The vectors must already be L2-normalised
-    (the frozen multimodal table is normalised once at build time, so this layer does not
-    normalise again per step); the returned ``scores`` are then the cosines, which feed
+    top-K valid ``r_i`` (``K = 50`` in the paper). Vectors are normalised once, when the
+    frozen table is built, not per step. The returned ``scores`` are the cosines
+    (:attr:`scores_are_similarity`), which feed
     :class:`~muse_tf.layers.sim_tier.SimTier` and
     :class:`~muse_tf.layers.semantic_aware_target_attention.SemanticAwareTargetAttention`.
 
+    Two ways to read the history:
+
+    * with ``table`` (what the models do): ``history["rows"]`` int32 ``[B, L]`` rows of the
+      :class:`~muse_tf.embeddings.FrozenMultimodalTable`; the cosines are computed block by
+      block from the table (:meth:`FrozenMultimodalTable.similarity`: no ``[B, L, D]``
+      gather per step) and behaviours without an embedding are masked here;
+    * without: ``history["mm"]`` float ``[B, L, D]`` normalised vectors; the caller folds
+      "has an embedding" into ``mask``.
+
     Call args:
-      target: float ``[batch, dim]``, the target item's normalised multimodal embedding.
-      history: float ``[batch, L, dim]``, the behaviours' normalised multimodal embeddings.
-      mask: bool ``[batch, L]``; True = a real behaviour **that has a multimodal
-        embedding** (the caller folds "has an embedding" into the mask).
+      target: ``{"mm": float [B, D] or [B, C, D]}`` normalised multimodal vectors.
+      history: ``{"rows": int32 [B, L]}`` (with ``table``) or ``{"mm": float [B, L, D]}``.
+      mask: bool ``[B, L]``; True = a real behaviour.
 
     Returns:
-      ``{"indices": int32 [batch, K], "scores": float32 [batch, K], "mask": bool [batch, K]}``
-      (see :func:`muse_tf.layers.topk.masked_top_k`; ties: lower position first).
+      ``{"indices": int32 [B, (C,) K], "scores": float32, "mask": bool}`` (ties: lower
+      position first).
 
     Args:
       top_k: K, the number of behaviours to retrieve (default 50, as in the paper).
+      table: the frozen multimodal table to read the history from, or None.
     """
 
-    def __init__(self, top_k: int = 50, **kwargs: Any) -> None:
-        super().__init__(top_k=top_k, **kwargs)
+    target_keys = (MM,)
+    scores_are_similarity = True
 
-    def call(self, target: tf.Tensor, history: tf.Tensor,
-             mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
-        target, history, mask = self._check_target_history(target, history, mask)
-        return self.select(inner_product(target, history), mask)
+    def __init__(self, top_k: int = 50, table: FrozenMultimodalTable | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(top_k=top_k, **kwargs)
+        if isinstance(table, Mapping):  # from get_config
+            table = tf.keras.layers.deserialize(dict(table))
+        if table is not None and not isinstance(table, FrozenMultimodalTable):
+            raise ValueError(f"MultimodalGSU: `table` must be a FrozenMultimodalTable or None, "
+                             f"got {type(table).__name__}")
+        self.table = table
+        self.history_keys = (ROWS,) if table is not None else (MM,)
+
+    def relevance(self, target: Mapping[str, tf.Tensor], history: Mapping[str, tf.Tensor],
+                  mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        if self.table is None:
+            return inner_product(target[MM], history[MM]), mask
+        rows = history[ROWS]
+        scores = self.table.similarity(target[MM], rows)
+        return scores, broadcast_mask(mask & self.table.has_embedding(rows), scores)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config["table"] = (None if self.table is None
+                           else tf.keras.layers.serialize(self.table))
+        return config

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import tensorflow as tf
 
-from muse_tf.layers.search_unit import GeneralSearchUnit, inner_product
+from muse_tf.layers.search_unit import ID, MM, GeneralSearchUnit, inner_product
 
 
 @tf.keras.utils.register_keras_serializable(package="muse_tf")
@@ -22,41 +23,37 @@ class MultimodalIdCosineGSU(GeneralSearchUnit):
     valid ``s_i``.
 
     Call args:
-      target: float ``[batch, dim]``, the target's normalised multimodal embedding.
-      history: float ``[batch, L, dim]``, the behaviours' normalised multimodal embeddings.
-      target_id_embedding: float ``[batch, id_dim]``.
-      history_id_embedding: float ``[batch, L, id_dim]``.
-      mask: bool ``[batch, L]``; True = a real behaviour with a multimodal embedding.
+      target: ``{"mm": float [B, D] or [B, C, D], "id": float [B, E] or [B, C, E]}``.
+      history: ``{"mm": float [B, L, D], "id": float [B, L, E]}``.
+      mask: bool ``[B, L]``; True = a real behaviour with a multimodal embedding.
 
     Returns:
-      ``{"indices": int32 [batch, K], "scores": float32 [batch, K], "mask": bool [batch, K]}``
-      (ties: lower position first).
+      ``{"indices": int32 [B, (C,) K], "scores": float32, "mask": bool}`` (ties: lower
+      position first).
 
     Args:
       top_k: K.
       id_weight: λ, the weight of the ID cosine (1.0: the plain sum).
     """
 
+    target_keys = (MM, ID)
+    history_keys = (MM, ID)
+
     def __init__(self, top_k: int = 50, id_weight: float = 1.0, **kwargs: Any) -> None:
         super().__init__(top_k=top_k, **kwargs)
         self.id_weight = float(id_weight)
 
-    def call(self, target: tf.Tensor, history: tf.Tensor, target_id_embedding: tf.Tensor,
-             history_id_embedding: tf.Tensor,
-             mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
-        target, history, mask = self._check_target_history(target, history, mask)
-        target_id, history_id, _ = self._check_target_history(
-            target_id_embedding, history_id_embedding, mask,
-            target_arg="target_id_embedding", history_arg="history_id_embedding")
-        mm_cosine = inner_product(target, history)
+    def relevance(self, target: Mapping[str, tf.Tensor], history: Mapping[str, tf.Tensor],
+                  mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        mm_cosine = inner_product(target[MM], history[MM])
+        history_id = history[ID]
         # cos(e_t, e_i) = <e_t/|e_t|, e_i> / |e_i|: one pass over the history for the norms.
-        id_dot = inner_product(tf.math.l2_normalize(target_id, axis=-1), history_id)
+        id_dot = inner_product(tf.math.l2_normalize(target[ID], axis=-1), history_id)
         id_norm_sq = tf.reduce_sum(tf.square(history_id), axis=-1)
         inverse_norm = tf.math.rsqrt(tf.maximum(id_norm_sq, 1e-12))
-        if id_dot.shape.rank == 3:  # candidate axis: [batch, C, L]
+        if id_dot.shape.rank == 3:  # candidate axis: [B, C, L]
             inverse_norm = inverse_norm[:, tf.newaxis, :]
-        id_cosine = id_dot * inverse_norm
-        return self.select(mm_cosine + self.id_weight * id_cosine, mask)
+        return mm_cosine + self.id_weight * id_dot * inverse_norm, mask
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
 
 from muse_tf.layers.checks import check_positive_int
-from muse_tf.layers.search_unit import GeneralSearchUnit, inner_product
+from muse_tf.layers.search_unit import MM, GeneralSearchUnit, inner_product
 
 
 @tf.keras.utils.register_keras_serializable(package="muse_tf")
@@ -24,20 +24,28 @@ class ProjectedMultimodalGSU(GeneralSearchUnit):
 
     Selection is not differentiable; ``P`` learns through the returned ``scores``.
 
+    The scores are the learned similarity this ablation puts in place of the cosine, so a
+    model uses them as the ESU's ``R`` (:attr:`scores_are_similarity`): that is how ``P``
+    trains.
+
     Call args:
-      target: float ``[batch, dim]``, the target's multimodal embedding.
-      history: float ``[batch, L, dim]``, the behaviours' multimodal embeddings.
-      mask: bool ``[batch, L]``; True = a real behaviour with a multimodal embedding.
+      target: ``{"mm": float [B, D] or [B, C, D]}``, the target's multimodal embedding.
+      history: ``{"mm": float [B, L, D]}``, the behaviours' multimodal embeddings.
+      mask: bool ``[B, L]``; True = a real behaviour with a multimodal embedding.
 
     Returns:
-      ``{"indices": int32 [batch, K], "scores": float32 [batch, K], "mask": bool [batch, K]}``
-      with scores the cosines in the projected space (ties: lower position first).
+      ``{"indices": int32 [B, (C,) K], "scores": float32, "mask": bool}`` with scores the
+      cosines in the projected space (ties: lower position first).
 
     Args:
       top_k: K.
       projection_units: sizes of the projection layers (the last is the projected size).
       activation: Keras activation between projection layers.
     """
+
+    target_keys = (MM,)
+    history_keys = (MM,)
+    scores_are_similarity = True
 
     def __init__(self, top_k: int = 50, projection_units: Sequence[int] = (128, 128),
                  activation: str = "relu", **kwargs: Any) -> None:
@@ -63,10 +71,9 @@ class ProjectedMultimodalGSU(GeneralSearchUnit):
             x = layer(x)
         return tf.math.l2_normalize(x, axis=-1)
 
-    def call(self, target: tf.Tensor, history: tf.Tensor,
-             mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
-        target, history, mask = self._check_target_history(target, history, mask)
-        return self.select(inner_product(self.project(target), self.project(history)), mask)
+    def relevance(self, target: Mapping[str, tf.Tensor], history: Mapping[str, tf.Tensor],
+                  mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return inner_product(self.project(target[MM]), self.project(history[MM])), mask
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

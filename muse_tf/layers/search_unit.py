@@ -1,7 +1,31 @@
-"""Base class of the general search units (GSU): score the lifelong history, keep the top K."""
+"""The one call contract of every general search unit (GSU): score the lifelong history
+against a target, keep the top K.
+
+``gsu(target, history, mask) -> {"indices", "scores", "mask"}`` where ``target`` and
+``history`` are dicts of the tensors a search may read, under these keys:
+
+=============  ==========================================  ===================================
+key            target                                      history
+=============  ==========================================  ===================================
+``"id"``       float ``[B, E]`` or ``[B, C, E]``           float ``[B, L, E]``: ID embedding
+               (item ⊕ category ID embedding)              of each behaviour
+``"mm"``       float ``[B, D]`` / ``[B, C, D]``:           float ``[B, L, D]``: the
+               L2-normalised multimodal vector             behaviours' normalised vectors
+``"rows"``     —                                           int32 ``[B, L]``: rows of the
+                                                           frozen multimodal table
+``"category"`` int ``[B]`` / ``[B, C]``                    int ``[B, L]``
+=============  ==========================================  ===================================
+
+A layer reads only the keys in :attr:`~GeneralSearchUnit.target_keys` and
+:attr:`~GeneralSearchUnit.history_keys`, so a model computes just those (the ``[B, L, E]``
+ID embeddings of a 100K history are never built for a multimodal search). ``mask`` is bool
+``[B, L]``: True = a real behaviour. A candidate axis ``C`` on the target searches C targets
+against the *same* history at once (outputs ``[B, C, K]``), without tiling the history.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import tensorflow as tf
@@ -15,59 +39,103 @@ from muse_tf.layers.checks import (
 )
 from muse_tf.layers.topk import masked_top_k
 
+#: Keys of the target/history dicts.
+ID = "id"
+MM = "mm"
+ROWS = "rows"
+CATEGORY = "category"
+_FLOAT_KEYS = (ID, MM)
+
 
 class GeneralSearchUnit(tf.keras.layers.Layer):
-    """Common part of every GSU: the ``top_k`` option, input checks and the masked top-K.
+    """Base of every GSU: the ``top_k`` option, the input contract (module docstring) and
+    the masked top-K.
 
-    A subclass computes one relevance score per behaviour, ``scores [batch, L]``, and returns
-    :meth:`select`'s dict ``{"indices": int32 [batch, K], "scores": float32 [batch, K],
-    "mask": bool [batch, K]}`` (see :func:`muse_tf.layers.topk.masked_top_k` for the padding
+    A subclass sets :attr:`target_keys`/:attr:`history_keys` and implements
+    :meth:`relevance` (one score per behaviour, and the mask of the selectable ones);
+    :meth:`call` checks the inputs and selects. :attr:`scores_are_similarity` tells whether
+    the returned scores are the multimodal cosine of the behaviour to the target (then an ESU
+    may use them as ``R`` directly).
+
+    Returns of :meth:`call`: ``{"indices": int32 [B, (C,) K], "scores": float32 [B, (C,) K],
+    "mask": bool [B, (C,) K]}`` (see :func:`muse_tf.layers.topk.masked_top_k` for the padding
     and tie rules).
-
-    Candidate axis: a target may also be ``[batch, C, dim]`` — C candidate items searched
-    against the *same* history ``[batch, L, dim]`` (a serving request: one user, C
-    candidates). Scores are then ``[batch, C, L]`` and every output ``[batch, C, K]``, equal
-    to C separate searches, without tiling the history C times.
 
     Args:
       top_k: K, the number of behaviours to retrieve.
     """
 
+    target_keys: tuple[str, ...] = ()
+    history_keys: tuple[str, ...] = ()
+    scores_are_similarity: bool = False
+
     def __init__(self, top_k: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.top_k = check_positive_int(type(self).__name__, "top_k", top_k)
+
+    def relevance(self, target: Mapping[str, tf.Tensor], history: Mapping[str, tf.Tensor],
+                  mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(scores [B, (C,) L], selectable mask [B, L] or [B, C, L])`` of checked inputs."""
+        raise NotImplementedError
+
+    def call(self, target: Mapping[str, tf.Tensor], history: Mapping[str, tf.Tensor],
+             mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+        target, history, mask = self.check_inputs(target, history, mask)
+        scores, mask = self.relevance(target, history, mask)
+        return self.select(scores, mask)
 
     def select(self, scores: tf.Tensor, mask: tf.Tensor) -> dict[str, tf.Tensor]:
         """Top-``top_k`` valid positions of ``scores`` (see :func:`select_top_k`)."""
         return select_top_k(scores, mask, self.top_k)
 
-    def _check_target_history(
-        self,
-        target: tf.Tensor,
-        history: tf.Tensor,
-        mask: tf.Tensor | None,
-        target_arg: str = "target",
-        history_arg: str = "history",
-    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """Checks a float ``target [batch, dim]`` (or ``[batch, C, dim]``) against
-        ``history [batch, L, dim]`` and ``mask [batch, L]``; returns them as tensors in the
-        layer's compute dtype."""
+    # ------------------------------------------------------------------ checks
+    def check_inputs(self, target: Mapping[str, tf.Tensor], history: Mapping[str, tf.Tensor],
+                     mask: tf.Tensor | None
+                     ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor], tf.Tensor]:
+        """The needed entries of ``target``/``history`` as checked tensors (floats in the
+        layer's compute dtype) and the checked mask; errors name the layer, key and shape."""
         name = type(self).__name__
-        target = tf.convert_to_tensor(target)
-        history = tf.convert_to_tensor(history)
-        check_float(name, target_arg, target)
-        check_float(name, history_arg, history)
-        if target.shape.rank not in (2, 3, None):
-            raise ValueError(
-                f"{name}: `{target_arg}` must have rank 2 [batch, dim] or 3 [batch, "
-                f"candidates, dim], got rank {target.shape.rank} with shape "
-                f"{tuple(target.shape.as_list())}")
-        check_rank(name, history_arg, history, ("batch", "seq_len", "dim"))
-        check_same_dim(name, target_arg, target, 0, history_arg, history, 0, "batch")
-        check_same_dim(name, target_arg, target, target.shape.rank - 1, history_arg, history, 2,
-                       "embedding")
-        mask = check_mask(name, mask, history, history_arg)
-        return (tf.cast(target, self.compute_dtype), tf.cast(history, self.compute_dtype), mask)
+        for side, given, keys in (("target", target, self.target_keys),
+                                  ("history", history, self.history_keys)):
+            if not isinstance(given, Mapping):
+                raise ValueError(f"{name}: `{side}` must be a dict with keys {list(keys)}, "
+                                 f"got {type(given).__name__}")
+            missing = [k for k in keys if k not in given]
+            if missing:
+                raise ValueError(f"{name}: `{side}` lacks {missing}; it needs {list(keys)}, "
+                                 f"got {sorted(given)}")
+        checked_history = {k: tf.convert_to_tensor(history[k]) for k in self.history_keys}
+        checked_target = {k: tf.convert_to_tensor(target[k]) for k in self.target_keys}
+        first = self.history_keys[0]
+        for key, tensor in checked_history.items():
+            arg = f"history[{key!r}]"
+            if key in _FLOAT_KEYS:
+                check_float(name, arg, tensor)
+                check_rank(name, arg, tensor, ("batch", "seq_len", "dim"))
+                checked_history[key] = tf.cast(tensor, self.compute_dtype)
+            else:
+                check_rank(name, arg, tensor, ("batch", "seq_len"))
+            check_same_dim(name, arg, tensor, 0, f"history[{first!r}]",
+                           checked_history[first], 0, "batch")
+        for key, tensor in checked_target.items():
+            arg = f"target[{key!r}]"
+            rank = tensor.shape.rank
+            expected = (2, 3) if key in _FLOAT_KEYS else (1, 2)
+            if rank not in (*expected, None):
+                layout = ("[batch, dim] or [batch, candidates, dim]" if key in _FLOAT_KEYS
+                          else "[batch] or [batch, candidates]")
+                raise ValueError(f"{name}: `{arg}` must be {layout}, got rank {rank} with "
+                                 f"shape {tuple(tensor.shape.as_list())}")
+            check_same_dim(name, arg, tensor, 0, f"history[{first!r}]",
+                           checked_history[first], 0, "batch")
+            if key in _FLOAT_KEYS:
+                check_float(name, arg, tensor)
+                if key in checked_history:
+                    check_same_dim(name, arg, tensor, tensor.shape.rank - 1,
+                                   f"history[{key!r}]", checked_history[key], 2, "embedding")
+                checked_target[key] = tf.cast(tensor, self.compute_dtype)
+        mask = check_mask(name, mask, checked_history[first], f"history[{first!r}]")
+        return checked_target, checked_history, mask
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -103,3 +171,10 @@ def inner_product(target: tf.Tensor, history: tf.Tensor) -> tf.Tensor:
     if target.shape.rank == 3:
         return tf.einsum("bcd,bld->bcl", target, history)
     return tf.einsum("bd,bld->bl", target, history)
+
+
+def broadcast_mask(mask: tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
+    """``mask`` ``[B, L]`` as ``[B, C, L]`` when ``scores`` has a candidate axis."""
+    if scores.shape.rank == 3 and mask.shape.rank == 2:
+        return tf.broadcast_to(mask[:, tf.newaxis, :], tf.shape(scores))
+    return mask

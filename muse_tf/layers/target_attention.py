@@ -66,8 +66,10 @@ class TargetAttention(tf.keras.layers.Layer):
         self.value_kernel: tf.Variable | None = None
 
     def build(self, query_shape: tf.TensorShape) -> None:
-        with tf.name_scope(self.logits_layer.name):
-            self.logits_layer.build(query_shape)
+        # Already built when a TWIN search (AttentionGSU) shares these logits and ran first.
+        if not self.logits_layer.built:
+            with tf.name_scope(self.logits_layer.name):
+                self.logits_layer.build(query_shape)
         if self.key_dim is not None:
             self._build_values(self.key_dim)
         super().build(query_shape)

@@ -5,9 +5,9 @@ Structure (config chooses the long-term GSU and the ESU parts; all else is share
     raw ids ──IdLookup──► rows ──► ID embeddings (item ⊕ category, user/item attributes)
                                └─► frozen multimodal vectors (L2-normalised SCL)
     short-term path:  target attention over the newest ``short_term_len`` behaviours
-    long-term path:   GSU over the whole lifelong history -> top-K indices
-                      ESU over the K retrieved: TA | SA-TA, and/or SimTier on their
-                      multimodal cosines R to the target
+    long-term path:   GSU (muse_tf.models.search_units, by ``model.gsu``) over the whole
+                      lifelong history -> top-K positions; ESU over the K retrieved:
+                      TA | SA-TA, and/or SimTier on their multimodal cosines R to the target
     tower:            MLP (Dice) over [target, attributes, short-term, long-term] -> sigmoid
 
 Inputs (the reader's batch dict, see :mod:`muse_tf.schema`): context ids int64 ``[B]``,
@@ -19,6 +19,7 @@ Output of :meth:`call`: click probability float32 ``[B]``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -28,51 +29,57 @@ import tensorflow_recommenders as tfrs
 from muse_tf import schema
 from muse_tf.config import ModelConfig
 from muse_tf.embeddings import FrozenMultimodalTable, IdLookup, Vocabulary
-from muse_tf.layers import (
-    CategoryGSU,
-    IdEmbeddingGSU,
-    MLPTower,
-    MultimodalGSU,
-    MultimodalIdCosineGSU,
-    ProjectedMultimodalGSU,
-    SemanticAwareTargetAttention,
-    SimTier,
-    TargetAttention,
-)
+from muse_tf.layers import MLPTower, SemanticAwareTargetAttention, SimTier, TargetAttention
 from muse_tf.layers.masking import (
     flatten_candidates,
     history_mask,
     masked_mean,
     newest_positions,
 )
-from muse_tf.layers.search_unit import select_top_k
+from muse_tf.layers.search_unit import CATEGORY, ID, MM, ROWS
+from muse_tf.models.search_units import NO_SEARCH, SearchContext, build_search_unit
 from muse_tf.training.step import TwoOptimizerModel
-
-_flatten_candidates = flatten_candidates
 
 _EMBEDDING_PREFIX = "id_embedding_"
 
 
+def _vocabulary(value: Vocabulary | Mapping[str, Any]) -> Vocabulary:
+    return value if isinstance(value, Vocabulary) else Vocabulary(**dict(value))
+
+
+@tf.keras.utils.register_keras_serializable(package="muse_tf")
 class RankingModel(TwoOptimizerModel):
     """CTR ranking model whose GSU/ESU parts are chosen by :class:`ModelConfig`.
 
+    The long-term search is whatever :func:`muse_tf.models.search_units.build_search_unit`
+    returns for ``config.gsu`` (None for ``"none"``, DIN): the model gives it the target and
+    history tensors it declares (``target_keys``/``history_keys``) and never branches on
+    the name.
+
     Args:
       config: the model section of an experiment config.
-      vocabularies: model-side vocabularies (:func:`muse_tf.embeddings.build_vocabularies`).
+      vocabularies: model-side vocabularies (:func:`muse_tf.embeddings.build_vocabularies`),
+        as :class:`Vocabulary` or their dict form.
       mm_table: ``[item vocabulary rows, dim]`` L2-normalised multimodal table
         (:func:`muse_tf.embeddings.normalised_mm_matrix`), or ``None`` to restore from a
         checkpoint.
       mm_dim: multimodal embedding dimension.
     """
 
-    def __init__(self, config: ModelConfig, vocabularies: dict[str, Vocabulary],
+    def __init__(self, config: ModelConfig | Mapping[str, Any],
+                 vocabularies: Mapping[str, Vocabulary | Mapping[str, Any]],
                  mm_table: np.ndarray | None = None, mm_dim: int = schema.MM_EMBEDDING_DIM,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if isinstance(config, Mapping):
+            config = ModelConfig(**dict(config))
         self.config = config
+        vocabularies = {name: _vocabulary(v) for name, v in vocabularies.items()}
         missing = sorted(set(schema.vocabularies()) - set(vocabularies))
         if missing:
             raise ValueError(f"vocabularies missing for {missing}")
+        self.vocabularies = vocabularies
+        self.mm_dim = int(mm_dim)
         used = {schema.ITEM_ID.vocabulary, schema.ITEM_CATEGORY.vocabulary}
         if config.use_item_attributes:
             used |= {f.vocabulary for f in schema.ITEM_ATTRIBUTES}
@@ -90,25 +97,23 @@ class RankingModel(TwoOptimizerModel):
             for name, lookup in self.lookups.items()
         }
         item_lookup = self.lookups[schema.ITEM_ID.vocabulary]
-        self.mm_table = FrozenMultimodalTable(item_lookup.num_rows, mm_dim,
+        self.mm_table = FrozenMultimodalTable(item_lookup.num_rows, self.mm_dim,
                                               initial_table=mm_table, name="multimodal_table")
 
         heads = dict(num_heads=config.num_heads, head_dim=config.head_dim)
         self.short_term_attention = TargetAttention(**heads, name="short_term_attention")
-        self.gsu = self._make_gsu(config)
-        if config.gsu == "attention" and not {"ta", "sa_ta"} & set(config.esu):
-            raise ValueError("gsu='attention' (TWIN) scores with the ESU's target attention: "
-                             f"model.esu must hold 'ta' or 'sa_ta', got {config.esu}")
         esu = set(config.esu)
-        self.long_term_attention: tf.keras.layers.Layer | None = None
-        if config.gsu != "none":
-            if "sa_ta" in esu:
-                self.long_term_attention = SemanticAwareTargetAttention(
-                    **heads, name="long_term_sa_ta")
-            elif "ta" in esu:
-                self.long_term_attention = TargetAttention(**heads, name="long_term_attention")
+        long_term = config.gsu != NO_SEARCH
+        self.long_term_attention: TargetAttention | None = None
+        if long_term and "sa_ta" in esu:
+            self.long_term_attention = SemanticAwareTargetAttention(**heads,
+                                                                    name="long_term_sa_ta")
+        elif long_term and "ta" in esu:
+            self.long_term_attention = TargetAttention(**heads, name="long_term_attention")
+        self.gsu = build_search_unit(SearchContext(config, self.mm_table,
+                                                   self.long_term_attention))
         self.simtier = (SimTier(config.num_tiers, config.tier_dim, name="simtier")
-                        if config.gsu != "none" and "simtier" in esu else None)
+                        if long_term and "simtier" in esu else None)
         self.tower = MLPTower(config.tower_units, activation=config.tower_activation,
                               dropout=config.dropout, name="tower")
         # SUM reduction, divided by the global batch in compute_loss: the same mean loss on
@@ -117,36 +122,15 @@ class RankingModel(TwoOptimizerModel):
             loss=tf.keras.losses.BinaryCrossentropy(reduction=tf.keras.losses.Reduction.SUM),
             metrics=[tf.keras.metrics.AUC(name="auc")])
 
-    @staticmethod
-    def _make_gsu(config: ModelConfig) -> Any:
-        k = config.top_k
-        if config.gsu == "none":
-            return None
-        if config.gsu == "multimodal":
-            return MultimodalGSU(k, name="gsu_multimodal")
-        if config.gsu == "category":
-            return CategoryGSU(k, name="gsu_category")
-        if config.gsu == "id":
-            return IdEmbeddingGSU(k, name="gsu_id")
-        if config.gsu == "attention":
-            # TWIN: the search scores with the ESU's own attention parameters (see
-            # _long_term), so the GSU is consistent with the ESU and trained through it.
-            return "shares_esu_attention"
-        if config.gsu == "projected_multimodal":
-            return ProjectedMultimodalGSU(
-                k, projection_units=(config.gsu_projection_dim, config.gsu_projection_dim),
-                name="gsu_projected_multimodal")
-        if config.gsu == "multimodal_plus_id":
-            return MultimodalIdCosineGSU(k, name="gsu_multimodal_plus_id")
-        if config.gsu == "miss":
-            # MISS: Co-GSU (ID embeddings) and MM-GSU (multimodal) each retrieve half.
-            return {"co": IdEmbeddingGSU(max(1, k // 2), name="gsu_miss_co"),
-                    "mm": MultimodalGSU(k - max(1, k // 2), name="gsu_miss_mm")}
-        raise ValueError(f"unknown gsu {config.gsu!r}")
-
     def get_config(self) -> dict[str, Any]:
-        # Vocabularies and the frozen table travel as assets and weights, not in the config.
-        return {"name": self.name, "model_config": dataclasses.asdict(self.config)}
+        # The frozen table and all trained weights travel as weights, not in the config.
+        return {"name": self.name, "config": dataclasses.asdict(self.config),
+                "vocabularies": {n: dataclasses.asdict(v) for n, v in self.vocabularies.items()},
+                "mm_dim": self.mm_dim}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> RankingModel:
+        return cls(**config)
 
     # ------------------------------------------------------------------ embeddings
     def _embed(self, vocabulary: str, rows: tf.Tensor) -> tf.Tensor:
@@ -204,14 +188,14 @@ class RankingModel(TwoOptimizerModel):
         target = self._behaviour_embedding(
             item_lookup.embedded_rows(target_all_rows),
             category_lookup(candidates[schema.ITEM_CATEGORY.name]))              # [B, C, 2E]
-        flat_target = _flatten_candidates(target)                               # [B*C, 2E]
+        flat_target = flatten_candidates(target)                                # [B*C, 2E]
         hist_all_rows = item_lookup.lookup_all(hist_items)                      # [B, L]
         hist_category_rows = category_lookup(features[schema.HISTORY_CATEGORY.name])
 
         parts = [flat_target]
         for feature in schema.ITEM_ATTRIBUTES if config.use_item_attributes else ():
             rows = self.lookups[feature.vocabulary](candidates[feature.name])
-            parts.append(_flatten_candidates(self._embed(feature.vocabulary, rows)))
+            parts.append(flatten_candidates(self._embed(feature.vocabulary, rows)))
         for feature in schema.USER_ATTRIBUTES if config.use_user_attributes else ():
             rows = self.lookups[feature.vocabulary](features[feature.name])
             parts.append(per_candidate(self._embed(feature.vocabulary, rows)))
@@ -227,77 +211,46 @@ class RankingModel(TwoOptimizerModel):
         parts.append(flat_target * per_candidate(masked_mean(short, short_mask)))
 
         if self.gsu is not None:
-            parts += self._long_term(candidates, target, target_all_rows, hist_all_rows,
-                                     hist_category_rows, features, valid)
+            history = _History(self, hist_all_rows, hist_category_rows,
+                               features[schema.HISTORY_CATEGORY.name])
+            parts += self._long_term(candidates, target, target_all_rows, history, valid)
         logits = self.tower(tf.concat(parts, axis=-1), training=training)        # [B*C, 1]
         return tf.sigmoid(tf.reshape(logits, [-1, num_candidates]))
 
     def _long_term(self, candidates: dict[str, tf.Tensor], target: tf.Tensor,
-                   target_all_rows: tf.Tensor, hist_all_rows: tf.Tensor,
-                   hist_category_rows: tf.Tensor, features: dict[str, tf.Tensor],
+                   target_all_rows: tf.Tensor, history: _History,
                    valid: tf.Tensor) -> list[tf.Tensor]:
         """GSU over the lifelong history (per user, C candidates at once), then the ESU parts
         over each candidate's K retrieved behaviours. Returns ``[B*C, ...]`` tensors."""
-        config = self.config
         item_lookup = self.lookups[schema.ITEM_ID.vocabulary]
         target_mm = self.mm_table(target_all_rows)                              # [B, C, D]
+        target_side = {ID: target, MM: target_mm,
+                       CATEGORY: candidates[schema.ITEM_CATEGORY.name]}
+        if MM in self.gsu.history_keys:
+            # A search over the history's vectors selects only behaviours that have one (a
+            # table-backed search masks them itself).
+            valid = valid & self.mm_table.has_embedding(history[ROWS])
+        selection = self.gsu({key: target_side[key] for key in self.gsu.target_keys},
+                             {key: history[key] for key in self.gsu.history_keys}, valid)
+        indices = selection["indices"]                                          # [B, C, K]
+        selected = flatten_candidates(selection["mask"])                        # [B*C, K]
 
-        def history_mm() -> tuple[tf.Tensor, tf.Tensor]:
-            return (self.mm_table(hist_all_rows),
-                    valid & self.mm_table.has_embedding(hist_all_rows))
-
-        def history_id() -> tf.Tensor:
-            return self._behaviour_embedding(item_lookup.embedded_rows(hist_all_rows),
-                                             hist_category_rows)
-
-        def history_mm_valid() -> tf.Tensor:
-            return valid & self.mm_table.has_embedding(hist_all_rows)
-
-        gsu = config.gsu
-        if gsu == "multimodal":
-            # MUSE's GSU: cosines computed blockwise from the frozen table (see
-            # FrozenMultimodalTable.similarity), then the layer's masked top-K.
-            scores = self.mm_table.similarity(target_mm, hist_all_rows)          # [B, C, L]
-            selections = [self.gsu.select(scores, history_mm_valid())]
-        elif gsu == "projected_multimodal":
-            vectors, mm_valid = history_mm()
-            selections = [self.gsu(target_mm, vectors, mm_valid)]
-        elif gsu == "multimodal_plus_id":
-            vectors, mm_valid = history_mm()
-            selections = [self.gsu(target_mm, vectors, target, history_id(), mm_valid)]
-        elif gsu == "category":
-            selections = [self.gsu(candidates[schema.ITEM_CATEGORY.name],
-                                   features[schema.HISTORY_CATEGORY.name], valid)]
-        elif gsu == "id":
-            selections = [self.gsu(target, history_id(), valid)]
-        elif gsu == "attention":
-            selections = [self._twin_search(target, history_id(), valid)]
-        elif gsu == "miss":
-            scores = self.mm_table.similarity(target_mm, hist_all_rows)
-            selections = [self.gsu["co"](target, history_id(), valid),
-                          self.gsu["mm"].select(scores, history_mm_valid())]
-        else:
-            raise ValueError(f"unknown gsu {gsu!r}")
-        indices = tf.concat([s["indices"] for s in selections], axis=-1)        # [B, C, K]
-        selected = _flatten_candidates(
-            tf.concat([s["mask"] for s in selections], axis=-1))                # [B*C, K]
-
-        rows = tf.gather(hist_all_rows, indices, batch_dims=1)                  # [B, C, K]
-        retrieved = _flatten_candidates(self._behaviour_embedding(
+        rows = tf.gather(history[ROWS], indices, batch_dims=1)                  # [B, C, K]
+        retrieved = flatten_candidates(self._behaviour_embedding(
             item_lookup.embedded_rows(rows),
-            tf.gather(hist_category_rows, indices, batch_dims=1)))              # [B*C, K, 2E]
-        flat_rows = _flatten_candidates(rows)
-        # Multimodal cosine R of each retrieved behaviour to the target (0 where missing).
+            tf.gather(history.category_rows, indices, batch_dims=1)))           # [B*C, K, 2E]
+        flat_rows = flatten_candidates(rows)
+        # R: multimodal cosine of each retrieved behaviour to the target (0 where missing);
+        # the search's own scores when they are that similarity (no second gather).
         has_mm = self.mm_table.has_embedding(flat_rows) & selected
-        if gsu == "projected_multimodal":
-            # Table 2's learned similarity: its scores are R, so the projection trains.
-            relevance = _flatten_candidates(selections[0]["scores"])
+        if self.gsu.scores_are_similarity:
+            relevance = flatten_candidates(selection["scores"])
         else:
-            relevance = tf.einsum("nd,nkd->nk", _flatten_candidates(target_mm),
+            relevance = tf.einsum("nd,nkd->nk", flatten_candidates(target_mm),
                                   self.mm_table(flat_rows))
         relevance = tf.where(has_mm, relevance, 0.0)
 
-        flat_target = _flatten_candidates(target)
+        flat_target = flatten_candidates(target)
         out = []
         if isinstance(self.long_term_attention, SemanticAwareTargetAttention):
             out.append(self.long_term_attention(flat_target, retrieved, relevance, selected))
@@ -307,20 +260,6 @@ class RankingModel(TwoOptimizerModel):
             out.append(self.simtier(relevance, has_mm))
         return out
 
-    def _twin_search(self, target: tf.Tensor, history: tf.Tensor,
-                     valid: tf.Tensor) -> dict[str, tf.Tensor]:
-        """TWIN's consistency-preserving GSU: the head-averaged logits of the ESU's own
-        target attention over the whole history, top-K. ``target`` ``[B, C, 2E]``."""
-        attention = self.long_term_attention
-        flat = _flatten_candidates(target)
-        if not attention.built:
-            attention.build(flat.shape)
-        query = attention.logits_layer.key_space_query(flat, history)          # [B*C, H, E']
-        query = tf.reshape(tf.reduce_mean(query, axis=1),
-                           [-1, tf.shape(target)[1], history.shape[-1]])        # [B, C, E']
-        scores = tf.einsum("bce,ble->bcl", query, history)
-        return select_top_k(scores, valid, self.config.top_k)
-
     # ------------------------------------------------------------------ training
     def compute_loss(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         labels = tf.reshape(tf.cast(inputs[schema.LABEL.name], tf.float32), [-1, 1])
@@ -329,3 +268,27 @@ class RankingModel(TwoOptimizerModel):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         global_batch = tf.cast(tf.shape(labels)[0] * replicas, loss.dtype)
         return loss / tf.maximum(global_batch, 1.0)
+
+
+class _History:
+    """The history side of a search, built on demand: only the keys the GSU declares are
+    computed (a multimodal search never builds the ``[B, L, 2E]`` ID embeddings)."""
+
+    def __init__(self, model: RankingModel, rows: tf.Tensor, category_rows: tf.Tensor,
+                 categories: tf.Tensor) -> None:
+        self._model = model
+        self.category_rows = category_rows
+        self._values: dict[str, tf.Tensor] = {ROWS: rows, CATEGORY: categories}
+
+    def __getitem__(self, key: str) -> tf.Tensor:
+        if key not in self._values:
+            rows = self._values[ROWS]
+            if key == ID:
+                item_lookup = self._model.lookups[schema.ITEM_ID.vocabulary]
+                self._values[ID] = self._model._behaviour_embedding(
+                    item_lookup.embedded_rows(rows), self.category_rows)
+            elif key == MM:
+                self._values[MM] = self._model.mm_table(rows)
+            else:
+                raise KeyError(f"no history tensor {key!r}; known: {[ID, MM, ROWS, CATEGORY]}")
+        return self._values[key]

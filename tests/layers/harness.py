@@ -49,22 +49,47 @@ def _keras_input(name: str, value: np.ndarray) -> tf.keras.Input:
     return tf.keras.Input(shape=value.shape[1:], dtype=tf.as_dtype(value.dtype), name=name)
 
 
-def assert_saved_model_round_trip(layer: tf.keras.layers.Layer, args: Sequence[np.ndarray],
+def _flat_named(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
+    """``(name, array)`` of every tensor of ``args``/``kwargs``; dict args (a search unit's
+    target/history) contribute one entry per key, named ``arg_<i>_<key>``."""
+    out = []
+    for i, arg in enumerate(args):
+        if isinstance(arg, Mapping):
+            out += [(f"arg_{i}_{key}", np.asarray(v)) for key, v in sorted(arg.items())]
+        else:
+            out.append((f"arg_{i}", np.asarray(arg)))
+    out += [(name, np.asarray(v)) for name, v in kwargs.items()]
+    return out
+
+
+def _nest(args: Sequence[Any], kwargs: Mapping[str, Any],
+          flat: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
+    """``flat`` (in :func:`_flat_named` order) back into the structure of args/kwargs."""
+    it = iter(flat)
+    nested_args = [{key: next(it) for key in sorted(a)} if isinstance(a, Mapping) else next(it)
+                   for a in args]
+    return nested_args, {name: next(it) for name in kwargs}
+
+
+def assert_saved_model_round_trip(layer: tf.keras.layers.Layer, args: Sequence[Any],
                                   kwargs: Mapping[str, np.ndarray] | None,
                                   directory: pathlib.Path) -> None:
     """A tiny functional model around ``layer``, saved in SavedModel format, reloads (a) with
     Keras as the same layer class and (b) with plain ``tf.saved_model.load`` (what TF Serving
-    runs) and both give the same outputs as before saving (inference mode)."""
+    runs) and both give the same outputs as before saving (inference mode). Arguments may be
+    arrays or dicts of arrays."""
     kwargs = dict(kwargs or {})
-    names = [f"arg_{i}" for i in range(len(args))] + list(kwargs)
-    values = [np.asarray(a) for a in args] + [np.asarray(v) for v in kwargs.values()]
-    inputs = [_keras_input(n, v) for n, v in zip(names, values, strict=True)]
-    outputs = layer(*inputs[: len(args)], **dict(zip(kwargs, inputs[len(args):], strict=True)))
+    named = _flat_named(args, kwargs)
+    names = [n for n, _ in named]
+    values = [v for _, v in named]
+    inputs = [_keras_input(n, v) for n, v in named]
+    call_args, call_kwargs = _nest(args, kwargs, inputs)
+    outputs = layer(*call_args, **call_kwargs)
     model = tf.keras.Model(inputs=inputs, outputs=outputs)
     expected = model(values, training=False)
 
     specs = [tf.TensorSpec([None, *v.shape[1:]], tf.as_dtype(v.dtype), name=n)
-             for n, v in zip(names, values, strict=True)]
+             for n, v in named]
 
     @tf.function(input_signature=specs)
     def serve(*tensors: tf.Tensor) -> dict[str, tf.Tensor]:

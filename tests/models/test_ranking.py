@@ -118,3 +118,120 @@ def test_bad_history_rank_is_named(tiny_data_dir, tmp_path):
     bad[schema.HISTORY_ITEM_ID.name] = batch[schema.HISTORY_ITEM_ID.name][:, :, tf.newaxis]
     with pytest.raises(ValueError, match="hist_item_id must be \\[batch, seq_len\\]"):
         model(bad)
+
+
+def _with_history(batch, rows, positions, values_by_feature):
+    """A copy of ``batch`` with history positions ``positions`` of ``rows`` replaced."""
+    out = dict(batch)
+    for feature in schema.SEQUENCE_FEATURES:
+        array = batch[feature.name].numpy().copy()
+        for r in rows:
+            array[r, positions] = values_by_feature[feature.name]
+        out[feature.name] = tf.constant(array)
+    return out
+
+
+def test_missing_behaviours_inside_the_history_are_ignored(tiny_data_dir, tmp_path):
+    """Id 0 inside ``hist_len`` means a missing behaviour: whatever category it carries, it
+    changes nothing, while a real behaviour at the same place does change the score."""
+    model, batch = _model_and_batch("muse", tiny_data_dir, str(tmp_path), 48)
+    lengths = batch[schema.HISTORY_LENGTH].numpy()
+    row = int(np.argmax(lengths))
+    assert lengths[row] >= 6
+    positions = [1, 3]
+    hist = schema.HISTORY_ITEM_ID.name
+    missing = dict(batch)
+    for feature in schema.SEQUENCE_FEATURES:
+        missing[feature.name] = batch[feature.name].numpy().copy()
+    missing[hist][row, positions] = 0
+    reference = model({k: tf.constant(v) for k, v in missing.items()}).numpy()
+    scrambled = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in missing.items()}
+    scrambled[schema.HISTORY_CATEGORY.name][row, positions] = [123456789, -987654321]
+    np.testing.assert_allclose(model({k: tf.constant(v) for k, v in scrambled.items()}).numpy(),
+                               reference, rtol=1e-6, atol=1e-7)
+    # The same positions holding the target item itself: the prediction moves.
+    present = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in missing.items()}
+    present[hist][row, positions] = batch[schema.ITEM_ID.name].numpy()[row]
+    changed = model({k: tf.constant(v) for k, v in present.items()}).numpy()
+    assert abs(changed[row] - reference[row]) > 1e-6
+
+
+def test_din_sees_only_the_newest_behaviours_and_muse_the_whole_history(tiny_data_dir,
+                                                                         tmp_path):
+    """Replacing the oldest behaviour (outside the newest ``short_term_len``) leaves DIN's
+    score unchanged and changes MUSE's, whose search covers the lifelong history."""
+    scores = {}
+    for name in ("din", "muse"):
+        model, batch = _model_and_batch(name, tiny_data_dir, str(tmp_path / name), 48)
+        lengths = batch[schema.HISTORY_LENGTH].numpy()
+        row = int(np.argmax(lengths))
+        assert lengths[row] > 3  # short_term_len = 3 in SMALL
+        target = {schema.HISTORY_ITEM_ID.name: batch[schema.ITEM_ID.name].numpy()[row],
+                  schema.HISTORY_CATEGORY.name: batch[schema.ITEM_CATEGORY.name].numpy()[row]}
+        before = model(batch).numpy()[row]
+        after = model(_with_history(batch, [row], [0], target)).numpy()[row]
+        scores[name] = (before, after)
+    assert scores["din"][0] == pytest.approx(scores["din"][1], abs=1e-7)
+    assert abs(scores["muse"][0] - scores["muse"][1]) > 1e-6
+
+
+def test_muse_search_selects_the_numpy_top_k_of_multimodal_cosines(tiny_data_dir, tmp_path):
+    model, batch = _model_and_batch("muse", tiny_data_dir, str(tmp_path))
+    model(batch)
+    item_lookup = model.lookups[schema.ITEM_ID.vocabulary]
+    rows = item_lookup.lookup_all(batch[schema.HISTORY_ITEM_ID.name])
+    target_rows = item_lookup.lookup_all(batch[schema.ITEM_ID.name])
+    valid = history_mask(batch[schema.HISTORY_ITEM_ID.name], batch[schema.HISTORY_LENGTH])
+    out = model.gsu({"mm": model.mm_table(target_rows)}, {"rows": rows}, valid)
+    table = model.mm_table.vectors.numpy().astype(np.float64)
+    present = model.mm_table.present.numpy() > 0.5
+    cosines = np.einsum("bd,bld->bl", table[target_rows.numpy()], table[rows.numpy()])
+    selectable = valid.numpy() & present[rows.numpy()]
+    for b in range(cosines.shape[0]):
+        order = sorted(np.flatnonzero(selectable[b]), key=lambda i, b=b: (-cosines[b, i], i))
+        order = order[: model.config.top_k]
+        got = out["indices"].numpy()[b][out["mask"].numpy()[b]]
+        assert sorted(got.tolist()) == sorted(order)
+        np.testing.assert_allclose(out["scores"].numpy()[b][: len(order)],
+                                   cosines[b, order], atol=1e-5)
+
+
+def test_twin_search_and_esu_share_one_set_of_attention_weights(tiny_data_dir, tmp_path):
+    model, batch = _model_and_batch("twin", tiny_data_dir, str(tmp_path))
+    model(batch)
+    assert model.gsu.logits_layer is model.long_term_attention.logits_layer
+    names = [v.name for v in model.trainable_variables]
+    assert len(names) == len(set(names))
+    kernels = [v for v in model.trainable_variables if "query_kernel" in v.name]
+    assert len(kernels) == 2  # short-term attention + the shared long-term logits
+
+
+def test_miss_ranker_never_selects_a_behaviour_twice(tiny_data_dir, tmp_path):
+    model, batch = _model_and_batch("miss", tiny_data_dir, str(tmp_path))
+    model(batch)
+    item_lookup = model.lookups[schema.ITEM_ID.vocabulary]
+    rows = item_lookup.lookup_all(batch[schema.HISTORY_ITEM_ID.name])
+    category_rows = model.lookups[schema.ITEM_CATEGORY.vocabulary](
+        batch[schema.HISTORY_CATEGORY.name])
+    target_rows = item_lookup.lookup_all(batch[schema.ITEM_ID.name])
+    target = model._behaviour_embedding(
+        item_lookup.embedded_rows(target_rows),
+        model.lookups[schema.ITEM_CATEGORY.vocabulary](batch[schema.ITEM_CATEGORY.name]))
+    valid = history_mask(batch[schema.HISTORY_ITEM_ID.name], batch[schema.HISTORY_LENGTH])
+    out = model.gsu({"id": target, "mm": model.mm_table(target_rows)},
+                    {"id": model._behaviour_embedding(item_lookup.embedded_rows(rows),
+                                                      category_rows), "rows": rows}, valid)
+    for indices, mask in zip(out["indices"].numpy(), out["mask"].numpy(), strict=True):
+        chosen = indices[mask].tolist()
+        assert len(chosen) == len(set(chosen))
+
+
+@pytest.mark.parametrize("name", ["muse", "twin", "miss"])
+def test_config_round_trip_rebuilds_the_model(name, tiny_data_dir, tmp_path):
+    model, batch = _model_and_batch(name, tiny_data_dir, str(tmp_path))
+    expected = model(batch).numpy()
+    clone = type(model).from_config(model.get_config())
+    clone(batch)
+    clone.set_weights(model.get_weights())
+    np.testing.assert_allclose(clone(batch).numpy(), expected, rtol=1e-6)
+    assert clone.get_config() == model.get_config()
