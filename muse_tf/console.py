@@ -26,17 +26,18 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def configure(verbose: bool) -> None:
-    """Silence TensorFlow's C++ INFO/WARNING lines (cuInit on CPU hosts, oneDNN notices,
-    ``local_rendezvous ... OUT_OF_RANGE`` at the end of a dataset), absl and tf.get_logger
-    warnings and known deprecation chatter; ``verbose`` keeps everything.
+    """Silence TensorFlow's C++ log lines (``failed call to cuInit`` on CPU hosts and the
+    oneDNN notices, which TensorFlow logs at ERROR level although nothing failed;
+    ``local_rendezvous ... OUT_OF_RANGE`` at the end of every dataset), absl and
+    tf.get_logger warnings and known deprecation chatter; ``verbose`` keeps everything.
+    Real failures still surface as Python exceptions.
 
     The C++ level only takes effect for libraries loaded after this call, so the CLIs call
-    it first; ``TF_CPP_MIN_LOG_LEVEL`` already set by the user is respected.
+    it before importing TensorFlow; ``TF_CPP_MIN_LOG_LEVEL`` set by the user is respected.
     """
     if verbose:
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1"))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for pattern in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     import tensorflow as tf
