@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 SHRINK = ["data.batch_size=4", "data.eval_batch_size=8", "model.top_k=4",
           "model.short_term_len=3", "model.num_tiers=4", "model.tower_units=[8]",
-          "model.head_dim=4", "train.max_train_steps=3", "train.verbose=0",
+          "model.head_dim=4", "train.max_train_steps=3", "train.verbose=2",
           "train.export=false"]
 
 
@@ -53,5 +54,11 @@ def test_two_workers_on_localhost_train_and_the_chief_writes_metrics(tiny_data_d
     with open(os.path.join(model_dir, "metrics.json")) as f:
         metrics = json.load(f)
     assert metrics["test"]["examples"] == 16
+    # The logged metrics are the global ones, reduced once: an AUC is never summed over the
+    # two workers, and the chief's logged epoch loss is metrics.json's train_loss.
+    aucs = [float(x) for out in outputs for x in re.findall(r" auc: ([0-9.]+)", out)]
+    assert aucs and all(0.0 <= a <= 1.0 for a in aucs), aucs
+    losses = [float(x) for x in re.findall(r" loss: ([0-9.]+)", outputs[0])]
+    assert losses and metrics["train_loss"][-1] == pytest.approx(losses[-1], abs=1e-4)
     # Only the chief (worker 0) writes into the model directory proper.
     assert os.path.exists(os.path.join(model_dir, "checkpoints"))
