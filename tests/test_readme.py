@@ -74,7 +74,8 @@ def parses(command: str, monkeypatch: pytest.MonkeyPatch) -> bool:
         result = parse_known_args(self, args, namespace)
         if depth[0]:  # inside parse_args (or a sub-command): it checks what is left
             return result
-        raise _StopAfterParsingError  # a parse_known_args caller (Beam) hands the rest to its options
+        # A parse_known_args caller (Beam) hands the rest to its pipeline options.
+        raise _StopAfterParsingError
 
     with monkeypatch.context() as patch:
         patch.setattr(argparse.ArgumentParser, "parse_args", parse_args_and_stop)
