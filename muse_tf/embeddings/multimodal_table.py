@@ -77,7 +77,7 @@ class FrozenMultimodalTable(tf.keras.layers.Layer):
         Returns:
           float32 ``[B, L]`` or ``[B, C, L]``.
         """
-        queries = tf.convert_to_tensor(queries, tf.float32)
+        queries = tf.cast(queries, tf.float32)
         if queries.shape.rank not in (2, 3) or rows.shape.rank != 2:
             raise ValueError(f"{self.name}: similarity takes queries [B, dim] or [B, C, dim] "
                              f"and rows [B, L], got {queries.shape} and {rows.shape}")

@@ -60,6 +60,8 @@ class AttentionGSU(GeneralSearchUnit):
         if logits_layer is not None and not isinstance(logits_layer, MultiHeadAttentionLogits):
             raise ValueError(f"{name}: `logits_layer` must be a MultiHeadAttentionLogits, got "
                              f"{type(logits_layer).__name__}")
+        if logits_layer is not None:
+            kernel_initializer = logits_layer.kernel_initializer
         self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)
         if logits_layer is None:
             logits_layer = MultiHeadAttentionLogits(

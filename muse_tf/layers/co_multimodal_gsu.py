@@ -65,6 +65,9 @@ class CoMultimodalGSU(GeneralSearchUnit):
                  **kwargs: Any) -> None:
         super().__init__(top_k=top_k, **kwargs)
         name = type(self).__name__
+        if self.top_k < 2:
+            raise ValueError(f"{name}: `top_k` must be >= 2 (each search keeps at least one "
+                             f"behaviour), got {self.top_k}")
         co_top_k = self.top_k // 2 if co_top_k is None else co_top_k
         self.co_top_k = check_positive_int(name, "co_top_k", co_top_k)
         if not self.co_top_k < self.top_k:

@@ -65,7 +65,11 @@ class MultimodalGSU(GeneralSearchUnit):
         if self.table is None:
             return inner_product(target[MM], history[MM]), mask
         rows = history[ROWS]
-        scores = self.table.similarity(target[MM], rows)
+        if target[MM].shape[-1] is not None and target[MM].shape[-1] != self.table.dim:
+            raise ValueError(
+                f"MultimodalGSU: `target['mm']` has shape {tuple(target[MM].shape.as_list())} "
+                f"but the table holds vectors of size {self.table.dim}")
+        scores = tf.cast(self.table.similarity(target[MM], rows), self.compute_dtype)
         return scores, broadcast_mask(mask & self.table.has_embedding(rows), scores)
 
     def get_config(self) -> dict[str, Any]:

@@ -114,9 +114,15 @@ class GeneralSearchUnit(tf.keras.layers.Layer):
                 check_rank(name, arg, tensor, ("batch", "seq_len", "dim"))
                 checked_history[key] = tf.cast(tensor, self.compute_dtype)
             else:
+                if not tensor.dtype.is_integer:
+                    raise ValueError(f"{name}: `{arg}` must be an integer id tensor, got dtype "
+                                     f"{tensor.dtype.name} with shape "
+                                     f"{tuple(tensor.shape.as_list())}")
                 check_rank(name, arg, tensor, ("batch", "seq_len"))
             check_same_dim(name, arg, tensor, 0, f"history[{first!r}]",
                            checked_history[first], 0, "batch")
+            check_same_dim(name, arg, tensor, 1, f"history[{first!r}]",
+                           checked_history[first], 1, "sequence length")
         for key, tensor in checked_target.items():
             arg = f"target[{key!r}]"
             rank = tensor.shape.rank

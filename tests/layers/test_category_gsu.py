@@ -7,13 +7,18 @@ import pytest
 import tensorflow as tf
 
 from muse_tf.layers import CategoryGSU
+from muse_tf.layers.search_unit import CATEGORY
 
 from .harness import assert_nested_close, assert_round_trips
 from .reference import top_k_reference
 
 
+def _call(layer, target, history, mask):
+    return layer({CATEGORY: target}, {CATEGORY: history}, mask=mask)
+
+
 def _out(layer, target, history, mask):
-    return {k: v.numpy() for k, v in layer(target, history, mask=mask).items()}
+    return {k: v.numpy() for k, v in _call(layer, target, history, mask).items()}
 
 
 def test_hand_computed_newest_first():
@@ -45,6 +50,16 @@ def test_no_match_gives_empty_selection():
     assert out["scores"].tolist() == [[0.0, 0.0]]
 
 
+def test_hand_computed_candidate_axis():
+    target = np.array([[7, 3, 9]], np.int64)  # three candidates against one history
+    history = np.array([[7, 3, 7, 3, 3]], np.int64)
+    mask = np.array([[True, True, True, True, False]])
+    out = _out(CategoryGSU(top_k=2), target, history, mask)
+    assert out["indices"].tolist() == [[[2, 0], [3, 1], [0, 0]]]
+    assert out["scores"].tolist() == [[[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]]
+    assert out["mask"].tolist() == [[[True, True], [True, True], [False, False]]]
+
+
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
 def test_matches_numpy_reference(dtype):
     rng = np.random.default_rng(3)
@@ -72,24 +87,37 @@ def test_large_history():
 
 def test_errors_name_argument_and_value():
     layer = CategoryGSU(top_k=2)
-    with pytest.raises(ValueError, match=r"`history_categories` must be an integer id tensor, "
-                                         r"got dtype float32 with shape \(1, 3\)"):
-        layer(tf.constant([1], tf.int64), tf.zeros([1, 3]), mask=tf.ones([1, 3], tf.bool))
-    with pytest.raises(ValueError, match=r"`target_category` \(int32\) and `history_categories` "
-                                         r"\(int64\) must share a dtype"):
-        layer(tf.constant([1], tf.int32), tf.zeros([1, 3], tf.int64), mask=tf.ones([1, 3], tf.bool))
-    with pytest.raises(ValueError, match=r"`target_category` must have rank 1 \[batch\] or 2 "
+    with pytest.raises(ValueError, match=r"CategoryGSU: `history\['category'\]` must be an "
+                                         r"integer id tensor, got dtype float32 with shape "
+                                         r"\(1, 3\)"):
+        _call(layer, tf.constant([1], tf.int64), tf.zeros([1, 3]), tf.ones([1, 3], tf.bool))
+    with pytest.raises(ValueError, match=r"CategoryGSU: `target\['category'\]` must be an "
+                                         r"integer id tensor, got dtype float32 with shape "
+                                         r"\(1,\)"):
+        _call(layer, tf.constant([1.0]), tf.zeros([1, 3], tf.int64), tf.ones([1, 3], tf.bool))
+    with pytest.raises(ValueError, match=r"`target\['category'\]` \(int32\) and "
+                                         r"`history\['category'\]` \(int64\) must share a "
+                                         r"dtype"):
+        _call(layer, tf.constant([1], tf.int32), tf.zeros([1, 3], tf.int64),
+              tf.ones([1, 3], tf.bool))
+    with pytest.raises(ValueError, match=r"`target\['category'\]` must be \[batch\] or "
                                          r"\[batch, candidates\], got rank 3 with shape "
                                          r"\(1, 1, 1\)"):
-        layer(tf.constant([[[1]]], tf.int64), tf.zeros([1, 3], tf.int64),
-              mask=tf.ones([1, 3], tf.bool))
-    with pytest.raises(ValueError, match=r"the batch size of `target_category` \(shape \(2,\)\) "
-                                         r"is 2 but that of `history_categories`"):
-        layer(tf.constant([1, 2], tf.int64), tf.zeros([1, 3], tf.int64),
-              mask=tf.ones([1, 3], tf.bool))
+        _call(layer, tf.constant([[[1]]], tf.int64), tf.zeros([1, 3], tf.int64),
+              tf.ones([1, 3], tf.bool))
+    with pytest.raises(ValueError, match=r"the batch size of `target\['category'\]` \(shape "
+                                         r"\(2,\)\) is 2 but that of `history\['category'\]`"):
+        _call(layer, tf.constant([1, 2], tf.int64), tf.zeros([1, 3], tf.int64),
+              tf.ones([1, 3], tf.bool))
+    with pytest.raises(ValueError, match=r"`history\['category'\]` must have rank 2 "
+                                         r"\[batch, seq_len\], got rank 3 with shape "
+                                         r"\(1, 3, 1\)"):
+        _call(layer, tf.constant([1], tf.int64), tf.zeros([1, 3, 1], tf.int64),
+              tf.ones([1, 3], tf.bool))
 
 
 def test_round_trips(tmp_path):
-    args = (np.array([7, 3], np.int64), np.array([[7, 3, 7, 7], [3, 1, 1, 1]], np.int64))
+    args = ({CATEGORY: np.array([7, 3], np.int64)},
+            {CATEGORY: np.array([[7, 3, 7, 7], [3, 1, 1, 1]], np.int64)})
     mask = np.array([[True] * 4, [True, True, False, False]])
     assert_round_trips(CategoryGSU(top_k=3), args, {"mask": mask}, tmp_path)

@@ -7,9 +7,14 @@ import pytest
 import tensorflow as tf
 
 from muse_tf.layers import MultimodalIdCosineGSU
+from muse_tf.layers.search_unit import ID, MM
 
 from .harness import assert_round_trips
 from .reference import top_k_reference, unit_rows
+
+
+def _call(layer, target, history, target_id, history_id, mask):
+    return layer({MM: target, ID: target_id}, {MM: history, ID: history_id}, mask=mask)
 
 
 def test_hand_computed_sum_of_cosines():
@@ -22,7 +27,7 @@ def test_hand_computed_sum_of_cosines():
                             [3.0, 4.0]]],   # padding
                           np.float32)
     mask = np.array([[True, True, True, False]])
-    out = MultimodalIdCosineGSU(top_k=3)(target, history, target_id, history_id, mask=mask)
+    out = _call(MultimodalIdCosineGSU(top_k=3), target, history, target_id, history_id, mask)
     # 0.6 + 1 = 1.6; 0 + 0 = 0; 0.8 + 0 = 0.8.
     assert out["indices"].numpy().tolist() == [[0, 2, 1]]
     np.testing.assert_allclose(out["scores"].numpy(), [[1.6, 0.8, 0.0]], atol=1e-6)
@@ -34,8 +39,8 @@ def test_id_weight_and_numpy_reference():
     target_id = rng.standard_normal((3, 5)).astype(np.float32) * 4
     history_id = rng.standard_normal((3, 50, 5)).astype(np.float32) * 4
     mask = rng.random((3, 50)) < 0.6
-    out = MultimodalIdCosineGSU(top_k=6, id_weight=0.5)(
-        target, history, target_id, history_id, mask=mask)
+    out = _call(MultimodalIdCosineGSU(top_k=6, id_weight=0.5), target, history, target_id,
+                history_id, mask)
     t_id = target_id / np.linalg.norm(target_id, axis=-1, keepdims=True)
     h_id = history_id / np.linalg.norm(history_id, axis=-1, keepdims=True)
     scores = (np.einsum("bd,bld->bl", target.astype(np.float64), history)
@@ -46,21 +51,39 @@ def test_id_weight_and_numpy_reference():
 
 
 def test_error_names_id_argument():
-    with pytest.raises(ValueError, match=r"the embedding size of `target_id_embedding` \(shape "
-                                         r"\(1, 3\)\) is 3 but that of `history_id_embedding`"):
-        MultimodalIdCosineGSU(top_k=1)(tf.zeros([1, 2]), tf.zeros([1, 4, 2]), tf.zeros([1, 3]),
-                                       tf.zeros([1, 4, 5]), mask=tf.ones([1, 4], tf.bool))
+    layer = MultimodalIdCosineGSU(top_k=1)
+    with pytest.raises(ValueError, match=r"MultimodalIdCosineGSU: the embedding size of "
+                                         r"`target\['id'\]` \(shape \(1, 3\)\) is 3 but that "
+                                         r"of `history\['id'\]` \(shape \(1, 4, 5\)\) is 5"):
+        _call(layer, tf.zeros([1, 2]), tf.zeros([1, 4, 2]), tf.zeros([1, 3]),
+              tf.zeros([1, 4, 5]), tf.ones([1, 4], tf.bool))
     with pytest.raises(ValueError, match=r"sequence length size of `mask` \(shape \(1, 4\)\) is "
-                                         r"4 but that of `history_id_embedding`"):
-        MultimodalIdCosineGSU(top_k=1)(tf.zeros([1, 2]), tf.zeros([1, 4, 2]), tf.zeros([1, 3]),
-                                       tf.zeros([1, 6, 3]), mask=tf.ones([1, 4], tf.bool))
+                                         r"4 but that of `history\['mm'\]` \(shape "
+                                         r"\(1, 6, 2\)\) is 6"):
+        _call(layer, tf.zeros([1, 2]), tf.zeros([1, 6, 2]), tf.zeros([1, 3]),
+              tf.zeros([1, 6, 3]), tf.ones([1, 4], tf.bool))
+    with pytest.raises(ValueError, match=r"the batch size of `history\['id'\]` \(shape "
+                                         r"\(2, 4, 3\)\) is 2 but that of `history\['mm'\]` "
+                                         r"\(shape \(1, 4, 2\)\) is 1"):
+        _call(layer, tf.zeros([1, 2]), tf.zeros([1, 4, 2]), tf.zeros([1, 3]),
+              tf.zeros([2, 4, 3]), tf.ones([1, 4], tf.bool))
+    with pytest.raises(ValueError, match=r"MultimodalIdCosineGSU: `history` lacks \['id'\]; it "
+                                         r"needs \['mm', 'id'\], got \['mm'\]"):
+        layer({MM: tf.zeros([1, 2]), ID: tf.zeros([1, 3])}, {MM: tf.zeros([1, 4, 2])},
+              mask=tf.ones([1, 4], tf.bool))
+
+
+def test_history_sequence_lengths_must_agree():
+    with pytest.raises(ValueError, match=r"`history\['id'\]`.*`history\['mm'\]`"):
+        _call(MultimodalIdCosineGSU(top_k=1), tf.zeros([1, 2]), tf.zeros([1, 4, 2]),
+              tf.zeros([1, 3]), tf.zeros([1, 6, 3]), tf.ones([1, 4], tf.bool))
 
 
 def test_round_trips(tmp_path):
     rng = np.random.default_rng(0)
-    args = (unit_rows(rng, (2, 4)), unit_rows(rng, (2, 6, 4)),
-            rng.standard_normal((2, 3)).astype(np.float32),
-            rng.standard_normal((2, 6, 3)).astype(np.float32))
+    args = ({MM: unit_rows(rng, (2, 4)), ID: rng.standard_normal((2, 3)).astype(np.float32)},
+            {MM: unit_rows(rng, (2, 6, 4)),
+             ID: rng.standard_normal((2, 6, 3)).astype(np.float32)})
     mask = np.array([[True] * 6, [True, False, True, False, False, False]])
     assert_round_trips(MultimodalIdCosineGSU(top_k=3, id_weight=2.0), args, {"mask": mask},
                        tmp_path)
