@@ -3,24 +3,23 @@
 MISS retrieves items by walking a multimodal index tree (:class:`~muse_tf.index.tree.IndexTree`)
 top-down with a learned (user, node) scorer. This module holds:
 
-* :class:`RetrievalFeatures`: raw ids → ID embeddings, the frozen multimodal vectors and the
-  history masks, shared by MISS and the two-tower baseline (the same history features, so the
-  comparison is fair);
 * :class:`MissNodeScorer`: the scorer. For a user and ``M`` tree nodes at once::
 
       e_n  = E_node[n]                                 learned node embedding   [B, M, 2E]
       v_n  = normalise(mean of the node's leaves' normalised SCL vectors)        [B, M, D]
-      Co-GSU: top-K/2 behaviours by  <e_n, e_i>        (ID embedding item ⊕ category)
-      MM-GSU: top-K/2 behaviours by  cos(v_n, m_i)     (frozen SCL vectors, items with one)
+      GSU:    CoMultimodalGSU: top-K/2 behaviours by <e_n, e_i> (ID embedding item ⊕
+              category), then top-K/2 others by cos(v_n, m_i) (frozen SCL vectors)
       ESU:    o_n = TA(query = e_n, keys = ID embeddings of the K selected behaviours)
-      logit(u, n) = MLP([e_n, o_n, e_n ⊙ s_u, GSU scores, user attributes, s_u])
+      logit(u, n) = MLP([e_n, o_n, e_n ⊙ s_u, GSU scores, s_u, user attributes])
 
   with ``s_u`` the masked mean ID embedding of the newest ``short_term_len`` behaviours. The
   node axis is explicit: histories are encoded once per user (:meth:`encode_user`) and every
-  similarity is one ``einsum('bmd,bld->bml')`` with the top-K over the last axis; the history is
-  never tiled ``M`` times.
-* :func:`training_nodes`: TDM-style training targets for clicked items (positives = ancestors
-  at levels ``1 .. depth``, negatives = random nodes of the same level);
+  similarity is one ``[B, M, L]`` product with the top-K over the last axis; the history is
+  never tiled ``M`` times. Features come from one
+  :class:`~muse_tf.embeddings.feature_embeddings.FeatureEmbeddings` (as the two-tower's).
+* :class:`TrainingNodes`: TDM-style training targets of clicked items in TF ops (they run
+  inside the tf.data pipeline): positives = ancestors at levels ``1 .. depth``, negatives =
+  random nodes of the same level;
 * :class:`MissTreeIndex`: the layer-wise beam search (:func:`~muse_tf.index.beam_search.
   tree_beam_search`) over a trained scorer: ``call(features, k) -> (scores, item_ids)``, the
   query interface of the TFRS top-k layers. Stock TensorFlow ops only, so it exports for TF
@@ -39,12 +38,15 @@ import tensorflow_recommenders as tfrs
 
 from muse_tf import schema
 from muse_tf.config import ModelConfig
-from muse_tf.embeddings import FrozenMultimodalTable, IdLookup, Vocabulary
-from muse_tf.embeddings.arrays import in_sorted, normalise_rows
+from muse_tf.embeddings import Vocabulary
+from muse_tf.embeddings.arrays import normalise_rows
+from muse_tf.embeddings.feature_embeddings import VALID, FeatureEmbeddings
 from muse_tf.index.beam_search import BeamSearchResult, TreeTensors, tree_beam_search
 from muse_tf.index.tree import IndexTree
-from muse_tf.layers import IdEmbeddingGSU, MLPTower, MultimodalGSU, TargetAttention
-from muse_tf.layers.masking import history_mask, masked_mean, newest_positions
+from muse_tf.layers import CoMultimodalGSU, MLPTower, TargetAttention
+from muse_tf.layers.search_unit import ID, MM, ROWS
+from muse_tf.layers.topk import INDICES, MASK, SCORES
+from muse_tf.training.step import TwoOptimizerModel
 
 __all__ = [
     "NODE_IDS",
@@ -52,11 +54,7 @@ __all__ = [
     "QUERY_FEATURES",
     "MissNodeScorer",
     "MissTreeIndex",
-    "RetrievalFeatures",
-    "in_index",
-    "masked_mean",
-    "normalise_rows",
-    "training_nodes",
+    "TrainingNodes",
 ]
 
 #: Input keys of the scorer beside the schema features: node ids int32 [B, M] and, for the
@@ -68,239 +66,144 @@ NODE_LABELS = "node_labels"
 QUERY_FEATURES: tuple[str, ...] = schema.QUERY_FEATURES
 
 
-#: Kept for callers of the first version: membership in a sorted id array.
-in_index = in_sorted
-
-
-def training_nodes(
-    tree: IndexTree, item_ids: np.ndarray, negatives_per_level: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """TDM-style (node, label) targets of clicked items for the MISS scorer.
+class TrainingNodes:
+    """TDM-style (node, label) training targets of clicked items, in TF ops.
 
     For each item: its ancestors at levels ``1 .. depth`` (the root is left out: it is every
     item's ancestor and carries no signal) are positives, and ``negatives_per_level`` nodes
-    drawn uniformly, with replacement, from the other item-holding nodes of the same level
-    (:meth:`IndexTree.sample_negatives`) are negatives.
+    drawn uniformly, with replacement, from the other item-holding nodes of the same level are
+    negatives (the distribution of :meth:`IndexTree.ancestors` +
+    :meth:`IndexTree.sample_negatives`). Stateless random ops: the same ``(item ids, seed)``
+    always give the same nodes, so a tf.data pipeline that maps it over
+    ``(batch, step counter)`` is deterministic.
+
+    Call: ``(item_ids int64 [Q], seed int [2]) -> (nodes int32 [Q, W], labels float32 [Q,
+    W])`` with ``W = depth * (1 + negatives_per_level)``; level ``l`` occupies columns
+    ``(l - 1) * (1 + n) .. l * (1 + n) - 1``, positive first. Every id must be in the tree
+    (:meth:`contains`; an unknown id fails an assertion).
 
     Args:
       tree: the index tree (``depth >= 1``).
-      item_ids: int ``[Q]`` clicked item ids, all in the tree (see :func:`in_index`).
       negatives_per_level: negatives per positive node (>= 1).
-      rng: NumPy random generator.
-
-    Returns:
-      ``(nodes, labels)``: int32 and float32 ``[Q, depth * (1 + negatives_per_level)]``; level
-      ``l`` occupies columns ``(l - 1) * (1 + n) .. l * (1 + n) - 1``, positive first.
     """
-    if tree.depth < 1:
-        raise ValueError(f"the tree holds {tree.num_items} item(s) (depth 0): nothing to learn; "
-                         "MISS needs at least two items with a multimodal embedding")
-    item_ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
-    positives = tree.ancestors(item_ids)                              # [Q, depth]
-    negatives = tree.sample_negatives(positives, negatives_per_level, rng)  # [Q, depth, n]
-    nodes = np.concatenate([positives[..., None], negatives], axis=-1)
-    labels = np.zeros(nodes.shape, np.float32)
-    labels[..., 0] = 1.0
-    width = tree.depth * (1 + negatives_per_level)
-    return (nodes.reshape(len(item_ids), width).astype(np.int32),
-            labels.reshape(len(item_ids), width))
 
+    def __init__(self, tree: IndexTree, negatives_per_level: int) -> None:
+        if tree.depth < 1:
+            raise ValueError(f"the tree holds {tree.num_items} item(s) (depth 0): nothing to "
+                             "learn; MISS needs at least two items with a multimodal embedding")
+        if (isinstance(negatives_per_level, bool)
+                or not isinstance(negatives_per_level, int | np.integer)
+                or negatives_per_level < 1):
+            raise ValueError(f"retrieval.negatives_per_level must be an int >= 1, got "
+                             f"{negatives_per_level!r}")
+        self.depth = int(tree.depth)
+        self.negatives_per_level = int(negatives_per_level)
+        self.width = self.depth * (1 + self.negatives_per_level)
+        valid_leaves = np.asarray(tree.valid_leaf_nodes, np.int64)   # ascending
+        levels = np.arange(1, self.depth + 1, dtype=np.int64)
+        self._levels = tf.constant(levels)
+        self._first = tf.constant((1 << levels) - 1)
+        # Candidates per level: every node above the leaves, the items at the leaf level.
+        self._size = tf.constant(np.where(levels < self.depth, 1 << levels, tree.num_items))
+        self._item_leaf = tf.constant(np.asarray(tree.item_leaf, np.int64))
+        self._leaf_rank = tf.constant(np.searchsorted(valid_leaves, tree.item_leaf))
+        self._valid_leaves = tf.constant(valid_leaves)
+        self._positions = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant(np.asarray(tree.item_ids, np.int64)),
+                tf.range(tree.num_items, dtype=tf.int64)), default_value=-1)
 
-def _vocab_config(vocabulary: Vocabulary | Mapping[str, Any]) -> Vocabulary:
-    if isinstance(vocabulary, Vocabulary):
-        return vocabulary
-    return Vocabulary(**dict(vocabulary))
+    def contains(self, item_ids: tf.Tensor) -> tf.Tensor:
+        """bool (shape of ``item_ids``): which raw item ids the tree holds."""
+        return self._positions.lookup(tf.convert_to_tensor(item_ids, tf.int64)) >= 0
+
+    def __call__(self, item_ids: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        ids = tf.reshape(tf.convert_to_tensor(item_ids, tf.int64), [-1])
+        positions = self._positions.lookup(ids)
+        check = tf.debugging.assert_non_negative(
+            positions, message="TrainingNodes: item ids not in the tree (filter clicks on "
+                               "TrainingNodes.contains first)")
+        with tf.control_dependencies([check]):
+            positions = tf.identity(positions)
+        leaf = tf.gather(self._item_leaf, positions)                            # [Q]
+        shifts = self.depth - self._levels
+        positives = tf.bitwise.right_shift(leaf[:, None] + 1, shifts[None, :]) - 1  # [Q, depth]
+        # Rank of the positive among its level's candidates; draw among the others.
+        rank = tf.concat([positives[:, :-1] - self._first[None, :-1],
+                          tf.gather(self._leaf_rank, positions)[:, None]], axis=1)
+        n = self.negatives_per_level
+        uniform = tf.random.stateless_uniform(tf.stack([tf.size(ids), self.depth, n]),
+                                              seed=seed, dtype=tf.float64)
+        others = self._size - 1                                                 # [depth]
+        draws = tf.cast(tf.floor(uniform * tf.cast(others, tf.float64)[None, :, None]),
+                        tf.int64)
+        draws = tf.minimum(draws, others[None, :, None] - 1)
+        draws += tf.cast(draws >= rank[..., None], tf.int64)                   # [Q, depth, n]
+        inner = self._first[None, :-1, None] + draws[:, :-1]
+        leaves = tf.gather(self._valid_leaves, draws[:, -1:])
+        nodes = tf.concat([positives[..., None], tf.concat([inner, leaves], axis=1)], axis=-1)
+        labels = tf.tile(tf.one_hot([0], 1 + n, dtype=tf.float32), [self.depth, 1])
+        labels = tf.broadcast_to(tf.reshape(labels, [1, self.width]),
+                                 tf.stack([tf.size(ids), self.width]))
+        return tf.cast(tf.reshape(nodes, [-1, self.width]), tf.int32), labels
 
 
 @tf.keras.utils.register_keras_serializable(package="muse_tf")
-class RetrievalFeatures(tf.keras.layers.Layer):
-    """Raw ids → the embeddings both retrieval models read (MISS scorer and two-tower).
-
-    Mirrors the ranking model's conventions: ``IdLookup`` per vocabulary (raw int64 ids, the
-    vocabulary files travel as SavedModel assets), trainable ID embeddings of size
-    ``E = id_embedding_dim`` (a behaviour is ``item ⊕ category``, ``2E``), the frozen
-    L2-normalised multimodal (SCL) table, and the history mask ``position < hist_len and
-    id != 0``.
-
-    :meth:`call` (= :meth:`encode_history`) maps ``{hist_item_id, hist_category: int64 [B, L],
-    hist_len: int32 [B]}`` to ``{"id": [B, L, 2E], "mm": [B, L, D], "valid": bool [B, L],
-    "mm_valid": bool [B, L], "lengths": int32 [B]}`` (``mm_valid``: valid and the item has a
-    multimodal embedding).
-
-    Args:
-      vocabularies: model-side vocabularies (:func:`muse_tf.embeddings.build_vocabularies`),
-        as :class:`Vocabulary` or their dict form.
-      id_embedding_dim: E.
-      mm_dim: D, the multimodal embedding size.
-      short_term_len: behaviours of the short-term summary :meth:`short_term_mean`.
-      use_user_attributes: whether :meth:`user_attributes` embeds ``user_attr_1..5``.
-      mm_table: optional ``[item rows, D]`` normalised table
-        (:func:`muse_tf.embeddings.normalised_mm_matrix`); zeros until weights are restored.
-    """
-
-    def __init__(self, vocabularies: Mapping[str, Vocabulary | Mapping[str, Any]],
-                 id_embedding_dim: int, mm_dim: int = schema.MM_EMBEDDING_DIM,
-                 short_term_len: int = schema.SHORT_TERM_LEN, use_user_attributes: bool = True,
-                 mm_table: np.ndarray | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        vocabs = {name: _vocab_config(v) for name, v in vocabularies.items()}
-        missing = sorted(set(schema.vocabularies()) - set(vocabs))
-        if missing:
-            raise ValueError(f"RetrievalFeatures: vocabularies missing for {missing}")
-        for name, value in (("id_embedding_dim", id_embedding_dim), ("mm_dim", mm_dim),
-                            ("short_term_len", short_term_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"RetrievalFeatures: `{name}` must be a positive int, "
-                                 f"got {value!r}")
-        self.vocabularies = vocabs
-        self.id_embedding_dim = id_embedding_dim
-        self.mm_dim = mm_dim
-        self.short_term_len = short_term_len
-        self.use_user_attributes = bool(use_user_attributes)
-        # Only the vocabularies a retrieval query reads (not user ids or item attributes: no
-        # lookup table, embedding or vocabulary asset for them).
-        used = [schema.ITEM_ID.vocabulary, schema.ITEM_CATEGORY.vocabulary]
-        if self.use_user_attributes:
-            used += [f.vocabulary for f in schema.USER_ATTRIBUTES]
-        self.lookups = {name: IdLookup(vocabs[name].path, vocabs[name].vocab_size,
-                                       vocabs[name].num_embedded, name=f"lookup_{name}")
-                        for name in used}
-        self.embeddings = {
-            name: tf.keras.layers.Embedding(
-                lookup.num_embedded_rows, id_embedding_dim, name=f"id_embedding_{name}",
-                embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
-            for name, lookup in self.lookups.items()
-        }
-        self.mm_table = FrozenMultimodalTable(self.item_lookup.num_rows, mm_dim,
-                                              initial_table=mm_table, name="multimodal_table")
-        # Every weight exists now (the embeddings build on first use); callers use the methods
-        # below rather than __call__, so mark the layer built for SavedModel serialization.
-        self.built = True
-
-    @property
-    def item_lookup(self) -> IdLookup:
-        return self.lookups[schema.ITEM_ID.vocabulary]
-
-    @property
-    def behaviour_dim(self) -> int:
-        """``2E``: size of a behaviour's item ⊕ category ID embedding."""
-        return 2 * self.id_embedding_dim
-
-    @property
-    def user_dim(self) -> int:
-        """Size of :meth:`user_attributes`."""
-        return len(schema.USER_ATTRIBUTES) * self.id_embedding_dim * self.use_user_attributes
-
-    def _embed(self, vocabulary: str, rows: tf.Tensor) -> tf.Tensor:
-        return self.embeddings[vocabulary](rows)
-
-    def behaviour_embedding(self, item_rows: tf.Tensor, category_rows: tf.Tensor) -> tf.Tensor:
-        """Item ⊕ category ID embedding ``[..., 2E]`` from lookup rows (``item_rows`` from
-        :meth:`IdLookup.lookup_all`; rare items fall back to the OOV ID row here)."""
-        return tf.concat([
-            self._embed(schema.ITEM_ID.vocabulary, self.item_lookup.embedded_rows(item_rows)),
-            self._embed(schema.ITEM_CATEGORY.vocabulary, category_rows)], axis=-1)
-
-    def encode_history(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        items = tf.convert_to_tensor(features[schema.HISTORY_ITEM_ID.name])
-        categories = tf.convert_to_tensor(features[schema.HISTORY_CATEGORY.name])
-        if items.shape.rank != 2 or categories.shape.rank != 2:
-            raise ValueError(
-                f"RetrievalFeatures: {schema.HISTORY_ITEM_ID.name} and "
-                f"{schema.HISTORY_CATEGORY.name} must be [batch, seq_len], got shapes "
-                f"{items.shape} and {categories.shape}")
-        lengths = tf.convert_to_tensor(features[schema.HISTORY_LENGTH])
-        if lengths.shape.rank != 1:
-            raise ValueError(f"RetrievalFeatures: {schema.HISTORY_LENGTH} must be [batch], got "
-                             f"shape {lengths.shape}")
-        lengths = tf.minimum(tf.cast(lengths, tf.int32), tf.shape(items)[1])
-        valid = history_mask(items, lengths)
-        rows = self.item_lookup.lookup_all(items)
-        category_rows = self.lookups[schema.ITEM_CATEGORY.vocabulary](categories)
-        return {
-            "rows": rows,
-            "id": self.behaviour_embedding(rows, category_rows),
-            "mm": self.mm_table(rows),
-            "valid": valid,
-            "mm_valid": valid & self.mm_table.has_embedding(rows),
-            "lengths": lengths,
-        }
-
-    def call(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return self.encode_history(features)
-
-    def user_attributes(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        """User attribute ID embeddings, concatenated: ``[B, 5E]`` (``[B, 0]`` when unused)."""
-        if not self.use_user_attributes:
-            batch = tf.shape(features[schema.HISTORY_LENGTH])[0]
-            return tf.zeros(tf.stack([batch, 0]), tf.float32)
-        parts = [self._embed(f.vocabulary, self.lookups[f.vocabulary](features[f.name]))
-                 for f in schema.USER_ATTRIBUTES]
-        return tf.concat(parts, axis=-1)
-
-    def short_term_mean(self, history: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        """Masked mean ID embedding of the newest ``short_term_len`` behaviours: ``[B, 2E]``
-        (zeros for an empty history)."""
-        positions, in_range = newest_positions(history["lengths"], self.short_term_len)
-        mask = in_range & tf.gather(history["valid"], positions, batch_dims=1)
-        vectors = tf.gather(history["id"], positions, batch_dims=1)
-        return masked_mean(vectors, mask)
-
-    def item_embedding(self, item_ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """Raw item ids ``[...]`` → (item ID embedding ``[..., E]``, multimodal vector
-        ``[..., D]``, has-embedding bool ``[...]``)."""
-        rows = self.item_lookup.lookup_all(item_ids)
-        id_vectors = self._embed(schema.ITEM_ID.vocabulary, self.item_lookup.embedded_rows(rows))
-        return id_vectors, self.mm_table(rows), self.mm_table.has_embedding(rows)
-
-    def embedding_variables(self) -> list[tf.Variable]:
-        """Trainable ID-embedding tables (trained with their own learning rate)."""
-        return [v for layer in self.embeddings.values() for v in layer.trainable_variables]
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(),
-                "vocabularies": {n: dataclasses.asdict(v) for n, v in self.vocabularies.items()},
-                "id_embedding_dim": self.id_embedding_dim, "mm_dim": self.mm_dim,
-                "short_term_len": self.short_term_len,
-                "use_user_attributes": self.use_user_attributes}
-
-
-class MissNodeScorer(tfrs.models.Model):
+class MissNodeScorer(TwoOptimizerModel):
     """The MISS (user, tree node) scorer (module docstring; MISS paper, Sec. 3.3).
 
     Inputs of :meth:`call`: the reader's features (only the :data:`QUERY_FEATURES` are read)
     and ``node_ids`` int32 ``[B, M]``. Output: logits float32 ``[B, M]`` (higher = the user is
     more likely to want an item under the node). :meth:`compute_loss` adds ``node_labels``
     float32 ``[B, M]`` (1 = ancestor of the clicked item) and returns the binary cross-entropy
-    averaged over all ``B * M`` (user, node) pairs (:class:`tfrs.tasks.Ranking`).
+    **averaged over the global batch's (user, node) pairs**: this replica's summed loss over
+    ``global batch * M`` (:class:`~muse_tf.training.step.TwoOptimizerModel`'s convention; on
+    one device the mean over the batch's ``B * M`` pairs). Logged metric: ``auc`` over the
+    (user, node) pairs.
+
+    Trained by ``fit`` with two optimizers (:meth:`embedding_variables`: the ID and node
+    embeddings). :meth:`get_config` / :meth:`from_config` rebuild it; the frozen multimodal
+    table and the node vectors are weights (zeros in a rebuilt scorer until its weights are
+    loaded).
 
     Args:
       config: the model section of the experiment: ``id_embedding_dim`` (E), ``top_k`` (K,
         split ``K // 2`` Co-GSU + the rest MM-GSU as the ranking model's ``miss`` GSU),
         ``short_term_len``, ``num_heads``/``head_dim`` of the ESU, ``tower_units``,
         ``tower_activation``, ``dropout``, ``use_user_attributes``.
-      vocabularies: model-side vocabularies.
+      vocabularies: model-side vocabularies (or their dict form).
       node_vectors: ``[num_nodes, D]`` tree node vectors (:attr:`IndexTree.node_vectors`: the
         mean of each node's leaves' normalised embeddings); re-normalised here so the MM-GSU
-        similarity is a cosine.
+        similarity is a cosine. ``None`` to restore them from weights (give ``num_nodes``).
       mm_table: ``[item rows, D]`` normalised multimodal table, or ``None`` to restore.
       mm_dim: D.
+      num_nodes: node rows when ``node_vectors`` is None.
     """
 
-    def __init__(self, config: ModelConfig, vocabularies: Mapping[str, Vocabulary],
-                 node_vectors: np.ndarray, mm_table: np.ndarray | None = None,
-                 mm_dim: int = schema.MM_EMBEDDING_DIM, **kwargs: Any) -> None:
+    def __init__(self, config: ModelConfig, vocabularies: Mapping[str, Vocabulary | dict],
+                 node_vectors: np.ndarray | None = None, mm_table: np.ndarray | None = None,
+                 mm_dim: int = schema.MM_EMBEDDING_DIM, num_nodes: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if config.top_k < 2:
             raise ValueError(f"MISS needs model.top_k >= 2 (K/2 behaviours per GSU), got "
                              f"{config.top_k}")
-        node_vectors = np.asarray(node_vectors)
-        if node_vectors.ndim != 2 or node_vectors.shape[1] != mm_dim:
-            raise ValueError(f"node_vectors must be [num_nodes, mm_dim={mm_dim}], got shape "
-                             f"{node_vectors.shape}")
+        if node_vectors is not None:
+            node_vectors = np.asarray(node_vectors)
+            if node_vectors.ndim != 2 or node_vectors.shape[1] != mm_dim:
+                raise ValueError(f"node_vectors must be [num_nodes, mm_dim={mm_dim}], got shape "
+                                 f"{node_vectors.shape}")
+            if num_nodes is not None and num_nodes != node_vectors.shape[0]:
+                raise ValueError(f"num_nodes={num_nodes} but node_vectors has "
+                                 f"{node_vectors.shape[0]} rows")
+            num_nodes = int(node_vectors.shape[0])
+        elif isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+            raise ValueError(f"MissNodeScorer needs node_vectors or a positive num_nodes, got "
+                             f"num_nodes={num_nodes!r}")
         self.config = config
-        self.num_nodes = int(node_vectors.shape[0])
-        self.features = RetrievalFeatures(
+        self.num_nodes = int(num_nodes)
+        self.mm_dim = int(mm_dim)
+        self.features = FeatureEmbeddings(
             vocabularies, config.id_embedding_dim, mm_dim=mm_dim,
             short_term_len=config.short_term_len,
             use_user_attributes=config.use_user_attributes, mm_table=mm_table,
@@ -309,25 +212,40 @@ class MissNodeScorer(tfrs.models.Model):
         self.node_embedding = tf.keras.layers.Embedding(
             self.num_nodes, node_dim, name="node_embedding",
             embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
-        normalised = normalise_rows(node_vectors)
+        with tf.name_scope(self.node_embedding.name):
+            self.node_embedding.build(tf.TensorShape([None]))
+        initial = ("zeros" if node_vectors is None
+                   else tf.constant_initializer(normalise_rows(node_vectors)))
         self.node_mm = self.add_weight(
-            name="node_multimodal", shape=normalised.shape, dtype=tf.float32,
-            initializer=tf.constant_initializer(normalised), trainable=False)
-        co_k = config.top_k // 2
-        self.co_gsu = IdEmbeddingGSU(co_k, name="co_gsu")
-        self.mm_gsu = MultimodalGSU(config.top_k - co_k, name="mm_gsu")
+            name="node_multimodal", shape=(self.num_nodes, mm_dim), dtype=tf.float32,
+            initializer=initial, trainable=False)
+        self.gsu = CoMultimodalGSU(config.top_k, table=self.features.mm_table, name="gsu_miss")
         self.attention = TargetAttention(config.num_heads, config.head_dim,
                                          key_dim=node_dim, name="esu_target_attention")
         self.tower = MLPTower(config.tower_units, activation=config.tower_activation,
                               dropout=config.dropout, name="tower")
+        # SUM reduction, divided by the global number of pairs in compute_loss.
         self.task = tfrs.tasks.Ranking(
-            loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+            loss=tf.keras.losses.BinaryCrossentropy(
+                from_logits=True, reduction=tf.keras.losses.Reduction.SUM),
             metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")])
+
+    # ------------------------------------------------------------------ config
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "model_config": dataclasses.asdict(self.config),
+                "vocabularies": self.features.get_config()["vocabularies"],
+                "num_nodes": self.num_nodes, "mm_dim": self.mm_dim}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MissNodeScorer:
+        config = dict(config)
+        model_config = ModelConfig(**config.pop("model_config"))
+        return cls(model_config, config.pop("vocabularies"), **config)
 
     # ------------------------------------------------------------------ forward
     def encode_user(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Node-independent user tensors, computed once per user (not once per node)."""
-        user = self.features.encode_history(features)
+        user = self.features.encode_history(features, parts=(ID,))
         user["short"] = self.features.short_term_mean(user)                 # [B, 2E]
         user["attributes"] = self.features.user_attributes(features)        # [B, 5E]
         return user
@@ -346,11 +264,9 @@ class MissNodeScorer(tfrs.models.Model):
         tf.debugging.assert_non_negative(node_ids, message=f"{NODE_IDS} must be >= 0")
         node_emb = self.node_embedding(node_ids)                            # [B, M, 2E]
         node_mm = tf.gather(self.node_mm, node_ids)                         # [B, M, D]
-        co = self.co_gsu(node_emb, user["id"], user["valid"])               # [B, M, Kc]
-        mm = self.mm_gsu(node_mm, user["mm"], user["mm_valid"])             # [B, M, Km]
-        indices = tf.concat([co["indices"], mm["indices"]], axis=-1)        # [B, M, K]
-        selected = tf.concat([co["mask"], mm["mask"]], axis=-1)
-        keys = tf.gather(user["id"], indices, batch_dims=1)                 # [B, M, K, 2E]
+        selection = self.gsu({ID: node_emb, MM: node_mm},
+                             {ID: user[ID], ROWS: user[ROWS]}, user[VALID])  # [B, M, K]
+        keys = tf.gather(user[ID], selection[INDICES], batch_dims=1)        # [B, M, K, 2E]
 
         num_nodes = tf.shape(node_ids)[1]
         batch = tf.shape(node_ids)[0]
@@ -358,7 +274,7 @@ class MissNodeScorer(tfrs.models.Model):
         node_dim = self.features.behaviour_dim
         flat_query = tf.reshape(node_emb, [-1, node_dim])
         esu = self.attention(flat_query, tf.reshape(keys, [-1, top_k, node_dim]),
-                             tf.reshape(selected, [-1, top_k]))             # [B*M, H*d]
+                             tf.reshape(selection[MASK], [-1, top_k]))      # [B*M, H*d]
 
         def per_node_user(tensor: tf.Tensor) -> tf.Tensor:
             # [B, F] -> [B*M, F] by broadcasting; only the small user vectors are repeated.
@@ -367,8 +283,7 @@ class MissNodeScorer(tfrs.models.Model):
 
         short = per_node_user(user["short"])
         parts = [flat_query, esu, flat_query * short,
-                 tf.reshape(co["scores"], [-1, co["scores"].shape[-1]]),
-                 tf.reshape(mm["scores"], [-1, mm["scores"].shape[-1]]), short]
+                 tf.reshape(selection[SCORES], [-1, top_k]), short]
         if self.features.user_dim:
             parts.append(per_node_user(user["attributes"]))
         logits = self.tower(tf.concat(parts, axis=-1), training=training)  # [B*M, 1]
@@ -387,8 +302,11 @@ class MissNodeScorer(tfrs.models.Model):
                              f"(float32 [batch, nodes]); got keys {sorted(inputs)}")
         logits = self(inputs, training=training)
         labels = tf.cast(inputs[NODE_LABELS], tf.float32)
-        return self.task(labels=tf.reshape(labels, [-1, 1]),
+        loss = self.task(labels=tf.reshape(labels, [-1, 1]),
                          predictions=tf.reshape(logits, [-1, 1]), training=training)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        pairs = tf.cast(tf.size(labels) * replicas, loss.dtype)
+        return loss / tf.maximum(pairs, 1.0)
 
     def embedding_variables(self) -> list[tf.Variable]:
         """ID and node embeddings (their own learning rate, as the ranking model)."""

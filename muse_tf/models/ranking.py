@@ -28,19 +28,13 @@ import tensorflow_recommenders as tfrs
 
 from muse_tf import schema
 from muse_tf.config import ModelConfig
-from muse_tf.embeddings import FrozenMultimodalTable, IdLookup, Vocabulary
+from muse_tf.embeddings import Vocabulary
+from muse_tf.embeddings.feature_embeddings import FeatureEmbeddings
 from muse_tf.layers import MLPTower, SemanticAwareTargetAttention, SimTier, TargetAttention
-from muse_tf.layers.masking import (
-    flatten_candidates,
-    history_mask,
-    masked_mean,
-    newest_positions,
-)
+from muse_tf.layers.masking import flatten_candidates, masked_mean, newest_positions
 from muse_tf.layers.search_unit import CATEGORY, ID, MM, ROWS
 from muse_tf.models.search_units import NO_SEARCH, SearchContext, build_search_unit
 from muse_tf.training.step import TwoOptimizerModel
-
-_EMBEDDING_PREFIX = "id_embedding_"
 
 
 def _vocabulary(value: Vocabulary | Mapping[str, Any]) -> Vocabulary:
@@ -80,25 +74,15 @@ class RankingModel(TwoOptimizerModel):
             raise ValueError(f"vocabularies missing for {missing}")
         self.vocabularies = vocabularies
         self.mm_dim = int(mm_dim)
-        used = {schema.ITEM_ID.vocabulary, schema.ITEM_CATEGORY.vocabulary}
-        if config.use_item_attributes:
-            used |= {f.vocabulary for f in schema.ITEM_ATTRIBUTES}
-        if config.use_user_attributes:
-            used |= {f.vocabulary for f in schema.USER_ATTRIBUTES}
-        self.lookups = {
-            name: IdLookup(v.path, v.vocab_size, v.num_embedded, name=f"lookup_{name}")
-            for name, v in vocabularies.items() if name in used
-        }
-        dim = config.id_embedding_dim
-        self.embeddings = {
-            name: tf.keras.layers.Embedding(
-                lookup.num_embedded_rows, dim, name=f"{_EMBEDDING_PREFIX}{name}",
-                embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
-            for name, lookup in self.lookups.items()
-        }
-        item_lookup = self.lookups[schema.ITEM_ID.vocabulary]
-        self.mm_table = FrozenMultimodalTable(item_lookup.num_rows, self.mm_dim,
-                                              initial_table=mm_table, name="multimodal_table")
+        # Lookups, trainable ID embeddings and the frozen table: the layer the retrieval
+        # models use too.
+        self.features = FeatureEmbeddings(
+            vocabularies, config.id_embedding_dim, mm_dim=self.mm_dim,
+            short_term_len=config.short_term_len,
+            use_user_attributes=config.use_user_attributes,
+            use_item_attributes=config.use_item_attributes, mm_table=mm_table,
+            name="features")
+        self.mm_table = self.features.mm_table
 
         heads = dict(num_heads=config.num_heads, head_dim=config.head_dim)
         self.short_term_attention = TargetAttention(**heads, name="short_term_attention")
@@ -132,18 +116,9 @@ class RankingModel(TwoOptimizerModel):
     def from_config(cls, config: dict[str, Any]) -> RankingModel:
         return cls(**config)
 
-    # ------------------------------------------------------------------ embeddings
-    def _embed(self, vocabulary: str, rows: tf.Tensor) -> tf.Tensor:
-        return self.embeddings[vocabulary](rows)
-
-    def _behaviour_embedding(self, item_rows: tf.Tensor, category_rows: tf.Tensor) -> tf.Tensor:
-        """Item ⊕ category ID embedding, ``[..., 2 * id_embedding_dim]``."""
-        return tf.concat([self._embed(schema.ITEM_ID.vocabulary, item_rows),
-                          self._embed(schema.ITEM_CATEGORY.vocabulary, category_rows)], -1)
-
     def embedding_variables(self) -> list[tf.Variable]:
         """Trainable ID-embedding tables (their own learning rate, as the paper)."""
-        return [v for layer in self.embeddings.values() for v in layer.trainable_variables]
+        return self.features.embedding_variables()
 
     # ------------------------------------------------------------------ forward
     def call(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
@@ -165,55 +140,47 @@ class RankingModel(TwoOptimizerModel):
         candidates does not copy the history 100 times.
         """
         config = self.config
-        item_lookup = self.lookups[schema.ITEM_ID.vocabulary]
-        category_lookup = self.lookups[schema.ITEM_CATEGORY.vocabulary]
-        hist_items = features[schema.HISTORY_ITEM_ID.name]
-        if hist_items.shape.rank != 2:
+        features_layer = self.features
+        if features[schema.HISTORY_ITEM_ID.name].shape.rank != 2:
             raise ValueError(f"{schema.HISTORY_ITEM_ID.name} must be [batch, seq_len], got "
-                             f"shape {hist_items.shape}")
+                             f"shape {features[schema.HISTORY_ITEM_ID.name].shape}")
         for name, tensor in candidates.items():
             if tensor.shape.rank != 2:
                 raise ValueError(f"candidate feature {name} must be [batch, candidates], got "
                                  f"shape {tensor.shape}")
         num_candidates = tf.shape(candidates[schema.ITEM_ID.name])[1]
-        lengths = tf.minimum(tf.cast(features[schema.HISTORY_LENGTH], tf.int32),
-                             tf.shape(hist_items)[1])
-        valid = history_mask(hist_items, lengths)                               # [B, L]
+        history = features_layer.encode_history(features, parts=())  # rows, masks, lengths
+        valid = history["valid"]                                                # [B, L]
 
         def per_candidate(user_side: tf.Tensor) -> tf.Tensor:
             """[B, ...] -> [B*C, ...] (row b*C + c belongs to user b)."""
             return tf.repeat(user_side, num_candidates, axis=0)
 
-        target_all_rows = item_lookup.lookup_all(candidates[schema.ITEM_ID.name])  # [B, C]
-        target = self._behaviour_embedding(
-            item_lookup.embedded_rows(target_all_rows),
-            category_lookup(candidates[schema.ITEM_CATEGORY.name]))              # [B, C, 2E]
+        target_all_rows = features_layer.item_lookup.lookup_all(
+            candidates[schema.ITEM_ID.name])                                    # [B, C]
+        target = features_layer.behaviour_embedding(
+            target_all_rows, features_layer.lookup(schema.ITEM_CATEGORY.vocabulary,
+                                                   candidates[schema.ITEM_CATEGORY.name]))
         flat_target = flatten_candidates(target)                                # [B*C, 2E]
-        hist_all_rows = item_lookup.lookup_all(hist_items)                      # [B, L]
-        hist_category_rows = category_lookup(features[schema.HISTORY_CATEGORY.name])
-
         parts = [flat_target]
-        for feature in schema.ITEM_ATTRIBUTES if config.use_item_attributes else ():
-            rows = self.lookups[feature.vocabulary](candidates[feature.name])
-            parts.append(flatten_candidates(self._embed(feature.vocabulary, rows)))
-        for feature in schema.USER_ATTRIBUTES if config.use_user_attributes else ():
-            rows = self.lookups[feature.vocabulary](features[feature.name])
-            parts.append(per_candidate(self._embed(feature.vocabulary, rows)))
+        if config.use_item_attributes:
+            parts.append(flatten_candidates(features_layer.item_attributes(candidates)))
+        if config.use_user_attributes:
+            parts.append(per_candidate(features_layer.user_attributes(features)))
 
         # Short-term path: target attention over the newest behaviours (shared by all).
-        positions, in_range = newest_positions(lengths, config.short_term_len)
+        positions, in_range = newest_positions(history["lengths"], config.short_term_len)
         short_mask = in_range & tf.gather(valid, positions, batch_dims=1)
-        short = self._behaviour_embedding(
-            item_lookup.embedded_rows(tf.gather(hist_all_rows, positions, batch_dims=1)),
-            tf.gather(hist_category_rows, positions, batch_dims=1))             # [B, S, 2E]
+        short = features_layer.behaviour_embedding(
+            tf.gather(history["rows"], positions, batch_dims=1),
+            tf.gather(history["category_rows"], positions, batch_dims=1))       # [B, S, 2E]
         parts.append(self.short_term_attention(flat_target, per_candidate(short),
                                                per_candidate(short_mask)))
         parts.append(flat_target * per_candidate(masked_mean(short, short_mask)))
 
         if self.gsu is not None:
-            history = _History(self, hist_all_rows, hist_category_rows,
-                               features[schema.HISTORY_CATEGORY.name])
-            parts += self._long_term(candidates, target, target_all_rows, history, valid)
+            parts += self._long_term(candidates, target, target_all_rows,
+                                     _History(features_layer, history), valid)
         logits = self.tower(tf.concat(parts, axis=-1), training=training)        # [B*C, 1]
         return tf.sigmoid(tf.reshape(logits, [-1, num_candidates]))
 
@@ -222,7 +189,6 @@ class RankingModel(TwoOptimizerModel):
                    valid: tf.Tensor) -> list[tf.Tensor]:
         """GSU over the lifelong history (per user, C candidates at once), then the ESU parts
         over each candidate's K retrieved behaviours. Returns ``[B*C, ...]`` tensors."""
-        item_lookup = self.lookups[schema.ITEM_ID.vocabulary]
         target_mm = self.mm_table(target_all_rows)                              # [B, C, D]
         target_side = {ID: target, MM: target_mm,
                        CATEGORY: candidates[schema.ITEM_CATEGORY.name]}
@@ -236,9 +202,8 @@ class RankingModel(TwoOptimizerModel):
         selected = flatten_candidates(selection["mask"])                        # [B*C, K]
 
         rows = tf.gather(history[ROWS], indices, batch_dims=1)                  # [B, C, K]
-        retrieved = flatten_candidates(self._behaviour_embedding(
-            item_lookup.embedded_rows(rows),
-            tf.gather(history.category_rows, indices, batch_dims=1)))           # [B*C, K, 2E]
+        retrieved = flatten_candidates(self.features.behaviour_embedding(
+            rows, tf.gather(history.category_rows, indices, batch_dims=1)))     # [B*C, K, 2E]
         flat_rows = flatten_candidates(rows)
         # R: multimodal cosine of each retrieved behaviour to the target (0 where missing);
         # the search's own scores when they are that similarity (no second gather).
@@ -271,24 +236,23 @@ class RankingModel(TwoOptimizerModel):
 
 
 class _History:
-    """The history side of a search, built on demand: only the keys the GSU declares are
+    """The history side of a search, built on demand from an
+    :meth:`FeatureEmbeddings.encode_history` result: only the keys the GSU declares are
     computed (a multimodal search never builds the ``[B, L, 2E]`` ID embeddings)."""
 
-    def __init__(self, model: RankingModel, rows: tf.Tensor, category_rows: tf.Tensor,
-                 categories: tf.Tensor) -> None:
-        self._model = model
-        self.category_rows = category_rows
-        self._values: dict[str, tf.Tensor] = {ROWS: rows, CATEGORY: categories}
+    def __init__(self, features: FeatureEmbeddings, encoded: Mapping[str, tf.Tensor]) -> None:
+        self._features = features
+        self.category_rows = encoded["category_rows"]
+        self._values: dict[str, tf.Tensor] = {ROWS: encoded["rows"],
+                                              CATEGORY: encoded["category"]}
 
     def __getitem__(self, key: str) -> tf.Tensor:
         if key not in self._values:
             rows = self._values[ROWS]
             if key == ID:
-                item_lookup = self._model.lookups[schema.ITEM_ID.vocabulary]
-                self._values[ID] = self._model._behaviour_embedding(
-                    item_lookup.embedded_rows(rows), self.category_rows)
+                self._values[ID] = self._features.behaviour_embedding(rows, self.category_rows)
             elif key == MM:
-                self._values[MM] = self._model.mm_table(rows)
+                self._values[MM] = self._features.mm_table(rows)
             else:
                 raise KeyError(f"no history tensor {key!r}; known: {[ID, MM, ROWS, CATEGORY]}")
         return self._values[key]

@@ -9,17 +9,22 @@
     item tower:  [item ID embedding, normalised SCL vector] ──MLP (ReLU)──► Dense(tower_dim)
                   ──► L2-normalise
 
-Both towers read one :class:`~muse_tf.models.miss_retrieval.RetrievalFeatures` (shared ID
-embeddings: a behaviour and a candidate item use the same item-ID row). Training: clicked
-(user, item) pairs, in-batch sampled softmax of :class:`tfrs.tasks.Retrieval` with
+Both towers read one :class:`~muse_tf.embeddings.feature_embeddings.FeatureEmbeddings`
+(shared ID embeddings: a behaviour and a candidate item use the same item-ID row). Training:
+clicked (user, item) pairs, in-batch sampled softmax of :class:`tfrs.tasks.Retrieval` with
 ``logits = <u, v> / temperature`` and accidental hits (the same item twice in a batch)
-removed. Retrieval: top-k by dot product over the candidate embeddings of the catalogue with
+removed; the loss is the **mean** over the global batch of each query's cross-entropy::
+
+    loss = -1/B_global Σ_b log softmax_c(<u_b, v_c> / T)[b]     (in-batch candidates c)
+
+Retrieval: top-k by dot product over the candidate embeddings of the catalogue with
 :func:`muse_tf.index.brute_force.brute_force_index` (exact, stock ops) or
 :func:`muse_tf.index.scann_index.scann_index` (approximate, ScaNN ops).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,8 +35,10 @@ import tensorflow_recommenders as tfrs
 from muse_tf import schema
 from muse_tf.config import ModelConfig
 from muse_tf.embeddings import Vocabulary
+from muse_tf.embeddings.feature_embeddings import MM_VALID, VALID, FeatureEmbeddings
 from muse_tf.layers.masking import masked_mean
-from muse_tf.models.miss_retrieval import RetrievalFeatures
+from muse_tf.layers.search_unit import ID, MM
+from muse_tf.training.step import TwoOptimizerModel
 
 __all__ = ["ItemTower", "TwoTowerModel", "UserTower"]
 
@@ -54,16 +61,16 @@ class UserTower(tf.keras.Model):
     int64 ``[B, L]`` and ``hist_len`` int32 ``[B]``; other keys are ignored).
     """
 
-    def __init__(self, features: RetrievalFeatures, hidden_units: Sequence[int],
+    def __init__(self, features: FeatureEmbeddings, hidden_units: Sequence[int],
                  output_dim: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.features = features
         self.mlp = _mlp(hidden_units, output_dim, "user_mlp")
 
     def call(self, inputs: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        history = self.features.encode_history(inputs)
-        parts = [masked_mean(history["id"], history["valid"]),
-                 masked_mean(history["mm"], history["mm_valid"]),
+        history = self.features.encode_history(inputs, parts=(ID, MM))
+        parts = [masked_mean(history[ID], history[VALID]),
+                 masked_mean(history[MM], history[MM_VALID]),
                  self.features.short_term_mean(history)]
         if self.features.user_dim:
             parts.append(self.features.user_attributes(inputs))
@@ -73,7 +80,7 @@ class UserTower(tf.keras.Model):
 class ItemTower(tf.keras.Model):
     """Raw item ids int64 ``[N]`` → L2-normalised candidate embedding ``[N, tower_dim]``."""
 
-    def __init__(self, features: RetrievalFeatures, hidden_units: Sequence[int],
+    def __init__(self, features: FeatureEmbeddings, hidden_units: Sequence[int],
                  output_dim: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.features = features
@@ -89,26 +96,31 @@ class ItemTower(tf.keras.Model):
         return tf.math.l2_normalize(self.mlp(x, training=training), -1)
 
 
-class TwoTowerModel(tfrs.models.Model):
+@tf.keras.utils.register_keras_serializable(package="muse_tf")
+class TwoTowerModel(TwoOptimizerModel):
     """Two-tower retrieval model (module docstring).
 
-    :meth:`compute_loss` takes the reader's batch of *clicked* impressions: the user features
-    are the query, ``item_id`` the positive candidate; the other items of the batch are the
-    negatives.
+    :meth:`compute_loss` takes a batch of *clicked* impressions: the user features are the
+    query, ``item_id`` the positive candidate; the other items of the batch are the
+    negatives. It returns this replica's share of the global-batch mean loss (the summed
+    cross-entropy over ``global batch``; on one device the batch mean), the convention of
+    :class:`~muse_tf.training.step.TwoOptimizerModel`, which trains it with ``fit`` and two
+    optimizers. :meth:`get_config` / :meth:`from_config` rebuild it (the frozen multimodal
+    table is a weight: zeros until the weights are loaded).
 
     Args:
       config: model section (``id_embedding_dim``, ``short_term_len``, ``tower_units`` as the
         towers' hidden ReLU layers, ``use_user_attributes``).
       tower_dim: size of the query / candidate embeddings (``retrieval.tower_dim``).
-      vocabularies: model-side vocabularies.
-      mm_table: normalised multimodal table (``None`` to restore from a checkpoint).
+      vocabularies: model-side vocabularies (or their dict form).
+      mm_table: normalised multimodal table (``None`` to restore from weights).
       mm_dim: multimodal embedding size.
       temperature: softmax temperature of the in-batch loss.
     """
 
     def __init__(self, config: ModelConfig, tower_dim: int,
-                 vocabularies: Mapping[str, Vocabulary], mm_table: np.ndarray | None = None,
-                 mm_dim: int = schema.MM_EMBEDDING_DIM,
+                 vocabularies: Mapping[str, Vocabulary | dict],
+                 mm_table: np.ndarray | None = None, mm_dim: int = schema.MM_EMBEDDING_DIM,
                  temperature: float = DEFAULT_TEMPERATURE, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(tower_dim, bool) or not isinstance(tower_dim, int) or tower_dim < 1:
@@ -117,8 +129,9 @@ class TwoTowerModel(tfrs.models.Model):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.config = config
         self.tower_dim = tower_dim
+        self.mm_dim = int(mm_dim)
         self.temperature = float(temperature)
-        self.features = RetrievalFeatures(
+        self.features = FeatureEmbeddings(
             vocabularies, config.id_embedding_dim, mm_dim=mm_dim,
             short_term_len=config.short_term_len,
             use_user_attributes=config.use_user_attributes, mm_table=mm_table,
@@ -127,19 +140,43 @@ class TwoTowerModel(tfrs.models.Model):
                                     name="user_tower")
         self.item_tower = ItemTower(self.features, config.tower_units, tower_dim,
                                     name="item_tower")
-        self.task = tfrs.tasks.Retrieval(temperature=self.temperature,
-                                         remove_accidental_hits=True)
+        # SUM over the queries, divided by the global batch in compute_loss.
+        self.task = tfrs.tasks.Retrieval(
+            loss=tf.keras.losses.CategoricalCrossentropy(
+                from_logits=True, reduction=tf.keras.losses.Reduction.SUM),
+            temperature=self.temperature, remove_accidental_hits=True)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "model_config": dataclasses.asdict(self.config),
+                "tower_dim": self.tower_dim,
+                "vocabularies": self.features.get_config()["vocabularies"],
+                "mm_dim": self.mm_dim, "temperature": self.temperature}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TwoTowerModel:
+        config = dict(config)
+        model_config = ModelConfig(**config.pop("model_config"))
+        return cls(model_config, config.pop("tower_dim"), config.pop("vocabularies"), **config)
 
     def call(self, inputs: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         """The query embedding ``[B, tower_dim]`` of the user features."""
         return self.user_tower(inputs, training=training)
 
+    def build_for(self, batch: dict[str, tf.Tensor]) -> None:
+        """Both towers' weights and the optimizers' slots (``call`` builds only the user
+        tower)."""
+        self.item_tower(tf.convert_to_tensor(batch[schema.ITEM_ID.name]), training=False)
+        super().build_for(batch)
+
     def compute_loss(self, inputs: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         item_ids = tf.convert_to_tensor(inputs[schema.ITEM_ID.name])
         queries = self.user_tower(inputs, training=training)
         candidates = self.item_tower(item_ids, training=training)
-        return self.task(queries, candidates, candidate_ids=item_ids, compute_metrics=False,
+        loss = self.task(queries, candidates, candidate_ids=item_ids, compute_metrics=False,
                          training=training)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        global_batch = tf.cast(tf.shape(queries)[0] * replicas, loss.dtype)
+        return loss / tf.maximum(global_batch, 1.0)
 
     def candidate_embeddings(self, item_ids: np.ndarray, batch_size: int = 8192) -> np.ndarray:
         """Item-tower embeddings of ``item_ids`` int64 ``[N]``: float32 ``[N, tower_dim]``."""

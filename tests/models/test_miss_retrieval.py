@@ -1,5 +1,6 @@
-"""Tests for muse_tf.models.miss_retrieval: training targets, the node-axis scorer, beam search
-on a trained scorer, and the stock-op SavedModel export."""
+"""Tests for muse_tf.models.miss_retrieval: TDM training targets in TF ops, the node-axis
+scorer (loss convention, training through ``fit``, config round trip), beam search on a
+trained scorer, and the stock-op SavedModel export."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from muse_tf import schema
 from muse_tf.config import ModelConfig
 from muse_tf.data import artifacts
 from muse_tf.embeddings import build_vocabularies, normalised_mm_matrix
+from muse_tf.embeddings.arrays import normalise_rows
 from muse_tf.embeddings.vocabulary import read_vocabulary_ids
 from muse_tf.export.retrieval import export_retrieval, serving_signature
 from muse_tf.index.tree import IndexTree
@@ -26,10 +28,7 @@ from muse_tf.models.miss_retrieval import (
     QUERY_FEATURES,
     MissNodeScorer,
     MissTreeIndex,
-    RetrievalFeatures,
-    in_index,
-    normalise_rows,
-    training_nodes,
+    TrainingNodes,
 )
 
 SEQ_LEN = 12
@@ -75,27 +74,43 @@ def make_queries(tree: IndexTree, batch: int, seed: int) -> dict[str, tf.Tensor]
     return {name: tf.constant(value) for name, value in out.items()}
 
 
+def make_batches(tree: IndexTree, count: int, batch: int, negatives: int = 2,
+                 seed: int = 0) -> list[dict[str, tf.Tensor]]:
+    """Training inputs: random users, clicked tree items, their node targets."""
+    targets = TrainingNodes(tree, negatives)
+    rng = np.random.default_rng(seed)
+    out = []
+    for step in range(count):
+        nodes, labels = targets(tf.constant(rng.choice(tree.item_ids, batch)), [seed, step])
+        out.append({**make_queries(tree, batch, seed=1000 * seed + step), NODE_IDS: nodes,
+                    NODE_LABELS: labels})
+    return out
+
+
+def as_dataset(batches: list[dict[str, tf.Tensor]]) -> tf.data.Dataset:
+    dataset = tf.data.Dataset.from_tensors(batches[0])
+    for batch in batches[1:]:
+        dataset = dataset.concatenate(tf.data.Dataset.from_tensors(batch))
+    return dataset
+
+
+def new_scorer(world, seed: int = 0, rates: tuple[float, float] = (0.01, 0.01)
+               ) -> MissNodeScorer:
+    tf.keras.utils.set_random_seed(seed)
+    scorer = MissNodeScorer(SMALL, world["vocabularies"], world["tree"].node_vectors,
+                            mm_table=world["table"])
+    scorer.compile_with_learning_rates(*rates)
+    return scorer
+
+
 @pytest.fixture(scope="module")
 def trained(world):
-    """A scorer trained for a few steps on random users with clicked tree items."""
-    tree = world["tree"]
-    tf.keras.utils.set_random_seed(0)
-    scorer = MissNodeScorer(SMALL, world["vocabularies"], tree.node_vectors,
-                            mm_table=world["table"])
-    rng = np.random.default_rng(0)
-    optimizer = tf.keras.optimizers.Adam(0.01)
-    losses = []
-    for step in range(6):
-        queries = make_queries(tree, 8, seed=step)
-        clicked = rng.choice(tree.item_ids, 8)
-        nodes, labels = training_nodes(tree, clicked, 2, rng)
-        inputs = {**queries, NODE_IDS: tf.constant(nodes), NODE_LABELS: tf.constant(labels)}
-        with tf.GradientTape() as tape:
-            loss = scorer.compute_loss(inputs, training=True)
-        grads = tape.gradient(loss, scorer.trainable_variables)
-        optimizer.apply_gradients(zip(grads, scorer.trainable_variables, strict=True))
-        losses.append(float(loss))
-    assert all(np.isfinite(losses))
+    """A scorer trained with ``fit`` for a few steps on random users with clicked tree items."""
+    batches = make_batches(world["tree"], 6, 8)
+    scorer = new_scorer(world)
+    scorer.build_for(batches[0])
+    history = scorer.fit(as_dataset(batches), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
     return scorer
 
 
@@ -105,9 +120,10 @@ def trained(world):
 def test_training_nodes_positives_are_ancestors_and_negatives_share_their_level(small_tree):
     tree = small_tree
     items = np.array([100, 105, 110, 105])
-    nodes, labels = training_nodes(tree, items, 3, np.random.default_rng(0))
+    targets = TrainingNodes(tree, 3)
+    nodes, labels = (x.numpy() for x in targets(tf.constant(items), [0, 0]))
     assert nodes.dtype == np.int32 and labels.dtype == np.float32
-    assert nodes.shape == labels.shape == (4, tree.depth * 4)
+    assert nodes.shape == labels.shape == (4, tree.depth * 4) == (4, targets.width)
     per_level = nodes.reshape(4, tree.depth, 4)
     np.testing.assert_array_equal(per_level[..., 0], tree.ancestors(items))  # root excluded
     np.testing.assert_array_equal(labels.reshape(4, tree.depth, 4),
@@ -120,30 +136,39 @@ def test_training_nodes_positives_are_ancestors_and_negatives_share_their_level(
     assert np.all(tree.node_valid[negatives])  # never a padding slot
 
 
-def test_training_nodes_negatives_cover_each_level(small_tree):
+def test_training_nodes_negatives_cover_each_level_uniformly(small_tree):
     tree = small_tree
-    item = np.full(400, 103)
-    nodes, _ = training_nodes(tree, item, 2, np.random.default_rng(1))
-    per_level = nodes.reshape(400, tree.depth, 3)
+    nodes, _ = TrainingNodes(tree, 2)(tf.fill([3000], tf.constant(103, tf.int64)), [1, 2])
+    per_level = nodes.numpy().reshape(3000, tree.depth, 3)
     for level in range(1, tree.depth + 1):
-        drawn = set(per_level[:, level - 1, 1:].ravel().tolist())
         first, end = tree.level_range(level)
         valid = {n for n in range(first, end) if tree.node_valid[n]}
-        assert drawn == valid - {int(per_level[0, level - 1, 0])}
+        others = sorted(valid - {int(per_level[0, level - 1, 0])})
+        drawn, counts = np.unique(per_level[:, level - 1, 1:], return_counts=True)
+        assert drawn.tolist() == others
+        # Uniform over the others: every count within 5 standard deviations of its mean.
+        mean = 6000 / len(others)
+        assert np.all(np.abs(counts - mean) < 5 * np.sqrt(mean)), (level, counts)
 
 
-def test_training_nodes_rejects_a_one_item_tree():
+def test_training_nodes_are_deterministic_in_the_seed_and_reject_unknown_items(small_tree):
+    targets = TrainingNodes(small_tree, 2)
+    items = tf.constant([100, 101, 109], tf.int64)
+    first = targets(items, [7, 3])[0].numpy()
+    np.testing.assert_array_equal(targets(items, [7, 3])[0].numpy(), first)
+    assert not np.array_equal(targets(items, [7, 4])[0].numpy(), first)
+    np.testing.assert_array_equal(targets.contains(tf.constant([100, 99, 110], tf.int64)).numpy(),
+                                  [True, False, True])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not in the tree"):
+        targets(tf.constant([100, 99], tf.int64), [0, 0])
+
+
+def test_training_nodes_reject_a_one_item_tree_and_bad_counts(small_tree):
     tree = IndexTree.build(np.ones((1, 3)), np.array([7]))
     with pytest.raises(ValueError, match="depth 0"):
-        training_nodes(tree, np.array([7]), 2, np.random.default_rng(0))
-
-
-def test_in_index_and_normalise_rows():
-    np.testing.assert_array_equal(in_index(np.array([2, 5, 9]), np.array([[9, 3], [2, 10]])),
-                                  [[True, False], [True, False]])
-    assert not in_index(np.zeros(0, np.int64), np.array([1])).any()
-    out = normalise_rows(np.array([[3.0, 4.0], [0.0, 0.0]]))
-    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
+        TrainingNodes(tree, 2)
+    with pytest.raises(ValueError, match="negatives_per_level must be an int >= 1"):
+        TrainingNodes(small_tree, 0)
 
 
 # ------------------------------------------------------------------------------ scorer
@@ -180,24 +205,66 @@ def test_scorer_ignores_padding_and_reads_the_node_vectors(world, trained):
                                1.0, atol=1e-5)
 
 
-def test_training_lowers_the_loss_on_a_fixed_batch(world):
-    tree = world["tree"]
-    tf.keras.utils.set_random_seed(1)
-    scorer = MissNodeScorer(SMALL, world["vocabularies"], tree.node_vectors,
-                            mm_table=world["table"])
-    rng = np.random.default_rng(2)
-    nodes, labels = training_nodes(tree, rng.choice(tree.item_ids, 6), 2, rng)
-    inputs = {**make_queries(tree, 6, seed=3), NODE_IDS: tf.constant(nodes),
-              NODE_LABELS: tf.constant(labels)}
-    optimizer = tf.keras.optimizers.Adam(0.02)
-    first = None
-    for _ in range(15):
-        with tf.GradientTape() as tape:
-            loss = scorer.compute_loss(inputs, training=True)
-        grads = tape.gradient(loss, scorer.trainable_variables)
-        optimizer.apply_gradients(zip(grads, scorer.trainable_variables, strict=True))
-        first = float(loss) if first is None else first
-    assert float(scorer.compute_loss(inputs)) < 0.7 * first
+def test_loss_is_the_mean_over_user_node_pairs(world, trained):
+    batch = make_batches(world["tree"], 1, 5, negatives=3, seed=9)[0]
+    logits = trained(batch).numpy().astype(np.float64)
+    labels = batch[NODE_LABELS].numpy()
+    expected = np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-abs(logits))))
+    assert float(trained.compute_loss(batch)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_fit_history_loss_is_the_epoch_mean_of_the_batch_losses(world):
+    # Learning rates so small the weights do not move: each step's loss is compute_loss of
+    # its batch, and History's figure (= the progress bar's last value) is their mean.
+    batches = make_batches(world["tree"], 4, 6, seed=3)
+    scorer = new_scorer(world, rates=(1e-12, 1e-12))
+    scorer.build_for(batches[0])
+    expected = np.mean([float(scorer.compute_loss(b)) for b in batches])
+    history = scorer.fit(as_dataset(batches), epochs=1, verbose=0)
+    assert history.history["loss"][0] == pytest.approx(expected, rel=1e-4)
+    assert 0.1 < expected < 2.0  # a per-pair mean, not a sum over the batch
+    assert 0.0 <= history.history["auc"][0] <= 1.0
+
+
+def test_fit_lowers_the_loss_and_trains_every_part(world):
+    batches = make_batches(world["tree"], 1, 6, seed=2)
+    scorer = new_scorer(world, seed=1, rates=(0.02, 0.02))
+    scorer.build_for(batches[0])
+    before = {v.name: v.numpy().copy() for v in scorer.trainable_variables}
+    first = float(scorer.compute_loss(batches[0]))
+    scorer.fit(as_dataset(batches).repeat(15), epochs=1, verbose=0)
+    assert float(scorer.compute_loss(batches[0])) < 0.7 * first
+    changed = {v.name for v in scorer.trainable_variables
+               if not np.array_equal(before[v.name], v.numpy())}
+    for part in ("id_embedding_item", "id_embedding_category", "node_embedding", "tower",
+                 "esu_target_attention"):
+        assert any(part in name for name in changed), (part, sorted(changed))
+    assert int(scorer.embedding_optimizer.iterations.numpy()) == 15
+    assert {v.name for v in scorer.embedding_variables()} <= changed
+    # The frozen parts never change.
+    np.testing.assert_array_equal(scorer.features.mm_table.vectors.numpy(), world["table"])
+    np.testing.assert_allclose(scorer.node_mm.numpy(), normalise_rows(world["tree"].node_vectors))
+
+
+def test_config_round_trip_rebuilds_the_scorer_from_its_weights(world, trained, tmp_path):
+    config = trained.get_config()
+    json.dumps(config)
+    clone = MissNodeScorer.from_config(config)
+    assert clone.get_config() == config
+    assert clone.num_nodes == world["tree"].num_nodes
+    # Rebuilt with zeros for the frozen table and node vectors; they come back as weights.
+    assert not np.any(clone.node_mm.numpy()) and not np.any(
+        clone.features.mm_table.vectors.numpy())
+    batch = make_batches(world["tree"], 1, 4, seed=5)[0]
+    clone.build_for(batch)
+    path = str(tmp_path / "weights")
+    trained.save_weights(path)
+    clone.load_weights(path).assert_existing_objects_matched()
+    np.testing.assert_allclose(clone(batch).numpy(), trained(batch).numpy(), rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_array_equal(clone.features.mm_table.vectors.numpy(), world["table"])
+    serialized = tf.keras.utils.serialize_keras_object(trained)
+    assert serialized["registered_name"] == "muse_tf>MissNodeScorer"
 
 
 def test_scorer_input_errors_name_the_problem(world, trained):
@@ -207,24 +274,16 @@ def test_scorer_input_errors_name_the_problem(world, trained):
         trained(queries)
     with pytest.raises(ValueError, match=r"node_ids must be \[batch, nodes\]"):
         trained.score_nodes(trained.encode_user(queries), tf.constant([1, 2]))
+    with pytest.raises(ValueError, match=NODE_LABELS):
+        trained.compute_loss({**queries, NODE_IDS: tf.constant([[1], [2]])})
     with pytest.raises(ValueError, match="top_k >= 2"):
         MissNodeScorer(ModelConfig(top_k=1), world["vocabularies"], tree.node_vectors)
     with pytest.raises(ValueError, match="node_vectors must be"):
         MissNodeScorer(SMALL, world["vocabularies"], np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="node_vectors or a positive num_nodes"):
+        MissNodeScorer(SMALL, world["vocabularies"])
     with pytest.raises(ValueError, match="vocabularies missing"):
-        RetrievalFeatures({}, 4)
-
-
-def test_retrieval_features_config_round_trip(world, trained):
-    layer = trained.features
-    config = layer.get_config()
-    json.dumps(config)
-    clone = RetrievalFeatures.from_config(config)
-    assert clone.get_config() == config
-    assert sorted(clone.lookups) == sorted(layer.lookups)  # item, category, user attributes
-    assert "user" not in clone.lookups and "item_attr_1" not in clone.lookups
-    serialized = tf.keras.layers.serialize(layer)
-    assert serialized["registered_name"] == "muse_tf>RetrievalFeatures"
+        MissNodeScorer(SMALL, {}, tree.node_vectors)
 
 
 # ------------------------------------------------------------------------------ beam search

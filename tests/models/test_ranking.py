@@ -178,7 +178,7 @@ def test_din_sees_only_the_newest_behaviours_and_muse_the_whole_history(tiny_dat
 def test_muse_search_selects_the_numpy_top_k_of_multimodal_cosines(tiny_data_dir, tmp_path):
     model, batch = _model_and_batch("muse", tiny_data_dir, str(tmp_path))
     model(batch)
-    item_lookup = model.lookups[schema.ITEM_ID.vocabulary]
+    item_lookup = model.features.lookups[schema.ITEM_ID.vocabulary]
     rows = item_lookup.lookup_all(batch[schema.HISTORY_ITEM_ID.name])
     target_rows = item_lookup.lookup_all(batch[schema.ITEM_ID.name])
     valid = history_mask(batch[schema.HISTORY_ITEM_ID.name], batch[schema.HISTORY_LENGTH])
@@ -209,18 +209,18 @@ def test_twin_search_and_esu_share_one_set_of_attention_weights(tiny_data_dir, t
 def test_miss_ranker_never_selects_a_behaviour_twice(tiny_data_dir, tmp_path):
     model, batch = _model_and_batch("miss", tiny_data_dir, str(tmp_path))
     model(batch)
-    item_lookup = model.lookups[schema.ITEM_ID.vocabulary]
+    item_lookup = model.features.lookups[schema.ITEM_ID.vocabulary]
     rows = item_lookup.lookup_all(batch[schema.HISTORY_ITEM_ID.name])
-    category_rows = model.lookups[schema.ITEM_CATEGORY.vocabulary](
+    category_rows = model.features.lookups[schema.ITEM_CATEGORY.vocabulary](
         batch[schema.HISTORY_CATEGORY.name])
     target_rows = item_lookup.lookup_all(batch[schema.ITEM_ID.name])
-    target = model._behaviour_embedding(
-        item_lookup.embedded_rows(target_rows),
-        model.lookups[schema.ITEM_CATEGORY.vocabulary](batch[schema.ITEM_CATEGORY.name]))
+    target = model.features.behaviour_embedding(
+        target_rows,
+        model.features.lookups[schema.ITEM_CATEGORY.vocabulary](batch[schema.ITEM_CATEGORY.name]))
     valid = history_mask(batch[schema.HISTORY_ITEM_ID.name], batch[schema.HISTORY_LENGTH])
     out = model.gsu({"id": target, "mm": model.mm_table(target_rows)},
-                    {"id": model._behaviour_embedding(item_lookup.embedded_rows(rows),
-                                                      category_rows), "rows": rows}, valid)
+                    {"id": model.features.behaviour_embedding(rows, category_rows),
+                     "rows": rows}, valid)
     for indices, mask in zip(out["indices"].numpy(), out["mask"].numpy(), strict=True):
         chosen = indices[mask].tolist()
         assert len(chosen) == len(set(chosen))

@@ -1,5 +1,7 @@
-"""Tests for muse_tf.training.retrieval (and the retrieval-compare table): recall bookkeeping,
-click counts, and tiny end-to-end runs of both retrieval experiments."""
+"""Tests for muse_tf.training.retrieval and retrieval_data (and the retrieval-compare table):
+recall bookkeeping, click counts, the tf.data training pipelines, and tiny end-to-end runs of
+both retrieval experiments (plumbing: on the tiny data the beam covers the whole tree, so
+recall there says nothing about learning; test_retrieval_learning.py checks that)."""
 
 from __future__ import annotations
 
@@ -9,15 +11,19 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from muse_tf import config as config_lib
+from muse_tf import schema
+from muse_tf.data.data_dir import DataDir
 from muse_tf.export.retrieval import (
     BRUTE_FORCE_MODEL_NAME,
     MISS_MODEL_NAME,
     SCANN_MODEL_NAME,
 )
 from muse_tf.index.tree import IndexTree
-from muse_tf.training import evaluation
+from muse_tf.models.miss_retrieval import NODE_IDS, NODE_LABELS, TrainingNodes
+from muse_tf.training import evaluation, retrieval_data
 from muse_tf.training import retrieval as retrieval_train
 from muse_tf.training.comparison import format_table
 
@@ -67,6 +73,80 @@ def test_catalogue_drops_rows_without_a_direction():
     np.testing.assert_array_equal(catalogue.contains(np.array([20, 10, 30])), [1, 0, 1])
 
 
+def test_click_counts_against_the_catalogue_are_exact(tiny_data):
+    catalogue = retrieval_train.Catalogue(tiny_data.embedding_ids, tiny_data.embedding_vectors)
+    ids, counts = retrieval_train.click_counts(DataDir.open(tiny_data.path))
+    clicks = retrieval_data.ClickCounts.of(ids, counts, catalogue)
+    train_clicks = clicked(tiny_data, "train")
+    assert clicks.clicks_seen == len(train_clicks)
+    assert clicks.clicks_not_in_index == int(
+        (~np.isin(train_clicks, tiny_data.embedding_ids)).sum()) > 0
+    assert clicks.clicks_in_index == int(np.isin(train_clicks, tiny_data.embedding_ids).sum())
+    probe = tf.constant([int(tiny_data.embedding_ids[3]), 12345], tf.int64)
+    np.testing.assert_array_equal(catalogue.contains_op(probe).numpy(), [True, False])
+
+
+def _config(task: str, *extra: str) -> config_lib.ExperimentConfig:
+    return config_lib.resolve(task, assignments=[*TINY, *extra])
+
+
+def test_training_dataset_keeps_clicked_catalogue_items_in_full_batches(tiny_data):
+    catalogue = retrieval_train.Catalogue(tiny_data.embedding_ids, tiny_data.embedding_vectors)
+    data = DataDir.open(tiny_data.path)
+    dataset = retrieval_data.training_dataset(_config("two_tower"), data, 12,
+                                              catalogue.contains_op)
+    in_index = Counter(i for i in clicked(tiny_data, "train")
+                       if i in set(tiny_data.embedding_ids.tolist()))
+    epoch = sum(in_index.values())
+    # Repeated: `epoch` batches of 8 are 8 whole passes; each batch full, each example a
+    # clicked catalogue item.
+    batches = list(dataset.take(epoch))
+    assert set(batches[0]) == set(retrieval_data.MODEL_COLUMNS)
+    seen = np.concatenate([b[schema.ITEM_ID.name].numpy() for b in batches])
+    assert all(b[schema.HISTORY_LENGTH].shape == (8,) for b in batches)
+    assert set(seen.tolist()) <= set(in_index)
+    # Eight passes hold every kept click eight times (batches run across passes).
+    assert Counter(seen.tolist()) == Counter({i: 8 * c for i, c in in_index.items()})
+    assert batches[0][schema.HISTORY_ITEM_ID.name].shape == (8, 12)
+
+
+def test_miss_training_targets_are_deterministic_with_the_seed(tiny_data):
+    catalogue = retrieval_train.Catalogue(tiny_data.embedding_ids, tiny_data.embedding_vectors)
+    tree = IndexTree.build(catalogue.vectors, catalogue.item_ids)
+    targets = TrainingNodes(tree, 2)
+
+    def first_batches(seed: int) -> list[dict[str, np.ndarray]]:
+        config = _config("miss_retrieval", f"data.seed={seed}")
+
+        def with_nodes(batch, step):
+            nodes, labels = targets(batch[schema.ITEM_ID.name],
+                                    tf.stack([tf.constant(seed, tf.int64), step]))
+            return {schema.ITEM_ID.name: batch[schema.ITEM_ID.name], NODE_IDS: nodes,
+                    NODE_LABELS: labels}
+
+        dataset = retrieval_data.training_dataset(config, DataDir.open(tiny_data.path), 12,
+                                                  targets.contains, with_nodes)
+        return [{k: v.numpy() for k, v in b.items()} for b in dataset.take(4)]
+
+    first, again, other = first_batches(7), first_batches(7), first_batches(8)
+    for a, b in zip(first, again, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert any(not np.array_equal(a[NODE_IDS], b[NODE_IDS])
+               for a, b in zip(first, other, strict=True))
+    for batch in first:
+        per_level = batch[NODE_IDS].reshape(8, tree.depth, 3)
+        np.testing.assert_array_equal(per_level[..., 0],
+                                      tree.ancestors(batch[schema.ITEM_ID.name]))
+
+
+def test_clicked_test_batches_hold_every_click_in_file_order(tiny_data):
+    batches = list(retrieval_data.clicked_dataset(tiny_data.path, "test", 5, 12))
+    ids = np.concatenate([b[schema.ITEM_ID.name].numpy() for b in batches])
+    np.testing.assert_array_equal(ids, clicked(tiny_data, "test"))
+    assert [len(b[schema.ITEM_ID.name]) for b in batches][:-1] == [5] * (len(batches) - 1)
+
+
 def test_run_experiment_rejects_a_ranking_config(tmp_path):
     with pytest.raises(ValueError, match="task miss_retrieval or two_tower"):
         retrieval_train.run_retrieval(config_lib.get_experiment("muse"), str(tmp_path))
@@ -98,7 +178,15 @@ def test_miss_retrieval_end_to_end(tiny_data, tmp_path):
     assert written["train"]["clicks_seen"] == len(train_clicks)
     assert written["train"]["clicks_not_in_index"] == int(
         (~np.isin(train_clicks, tiny_data.embedding_ids)).sum())
-    assert len(written["train_loss"]) == 2
+    # Trained by fit: one epoch-mean loss per epoch (a mean per (user, node) pair), the
+    # steps known beforehand, a checkpoint per epoch and TensorBoard logs.
+    in_index = int(np.isin(train_clicks, tiny_data.embedding_ids).sum())
+    assert written["train_steps_per_epoch"] == in_index // 8
+    assert written["train"]["train_steps"] == 2 * (in_index // 8)
+    assert len(written["train_loss"]) == 2 and all(0 < x < 2 for x in written["train_loss"])
+    for epoch in ("01", "02"):
+        assert os.path.exists(os.path.join(model_dir, "checkpoints", f"ckpt-{epoch}.index"))
+    assert os.listdir(os.path.join(model_dir, "logs"))
     assert os.path.exists(os.path.join(result["export_dirs"][MISS_MODEL_NAME], "saved_model.pb"))
 
 
@@ -123,7 +211,11 @@ def test_two_tower_end_to_end(tiny_data, tmp_path):
     model_dir = str(tmp_path / "two_tower")
     result = retrieval_train.run_retrieval(config, model_dir, tiny_data.path)
     with open(os.path.join(model_dir, "metrics.json")) as f:
-        test = json.load(f)["test"]
+        written = json.load(f)
+    test = written["test"]
+    # The in-batch softmax loss is a mean per query: about log(batch) at the start.
+    assert len(written["train_loss"]) == 2
+    assert all(0 < x < np.log(8) + 1 for x in written["train_loss"])
     catalogue = len(tiny_data.embedding_ids)
     in_index = np.isin(clicked(tiny_data, "test"), tiny_data.embedding_ids).mean()
     assert test["k"] == catalogue

@@ -1,0 +1,158 @@
+"""The data of the retrieval runs: the catalogue, exact click counts and the tf.data pipelines
+of clicked impressions (train: repeated, filtered to the catalogue, fixed-size batches; test:
+one deterministic pass).
+
+Filtering happens inside tf.data on whole parsed batches (a boolean mask per batch, then
+``rebatch`` to the batch size), never per example in Python. The number of training examples
+is known before training from one pass over the context features (:func:`click_counts`), so
+every epoch has the same number of steps and the progress bar a total.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from muse_tf import config as config_lib
+from muse_tf import schema
+from muse_tf.data import reader
+from muse_tf.data.data_dir import DataDir, split_files
+from muse_tf.embeddings.arrays import in_sorted, normalise_rows
+
+__all__ = ["Catalogue", "ClickCounts", "click_counts", "clicked_dataset", "training_dataset"]
+
+#: Impressions read (and parsed) per batch before keeping the clicked ones.
+READ_BATCH = 1024
+#: What a retrieval model reads of a clicked impression: the query and the clicked item.
+MODEL_COLUMNS: tuple[str, ...] = (*schema.QUERY_FEATURES, schema.ITEM_ID.name)
+
+#: ``keep(item_ids int64 [N]) -> bool [N]``: which clicked items a pipeline keeps.
+KeepFn = Callable[[tf.Tensor], tf.Tensor]
+
+
+class Catalogue:
+    """The retrievable items: ids of the multimodal table (ascending) and their L2-normalised
+    vectors ``[N, D]``. Rows whose vector is all zero are left out (they have no direction)."""
+
+    def __init__(self, mm_ids: np.ndarray, mm_vectors: np.ndarray) -> None:
+        vectors = normalise_rows(mm_vectors.astype(np.float32))
+        keep = (mm_ids != 0) & np.any(vectors != 0, axis=1)
+        order = np.argsort(mm_ids[keep], kind="stable")
+        self.item_ids = mm_ids[keep][order].astype(np.int64)
+        self.vectors = vectors[keep][order]
+        self.dropped = int(np.sum(~keep))
+        self._table: tf.lookup.StaticHashTable | None = None
+
+    def __len__(self) -> int:
+        return int(self.item_ids.shape[0])
+
+    def contains(self, item_ids: np.ndarray) -> np.ndarray:
+        """bool (shape of ``item_ids``): which ids are in the catalogue (NumPy)."""
+        return in_sorted(self.item_ids, item_ids)
+
+    def contains_op(self, item_ids: tf.Tensor) -> tf.Tensor:
+        """:meth:`contains` in TF ops (a ``StaticHashTable``, built on first use), for
+        tf.data pipelines."""
+        if self._table is None:
+            self._table = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(
+                    tf.constant(self.item_ids), tf.zeros(len(self), tf.int64)),
+                default_value=-1)
+        return self._table.lookup(tf.convert_to_tensor(item_ids, tf.int64)) >= 0
+
+
+def click_counts(data_dir: str | DataDir, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Clicks per item in ``split``: ``(item_ids, counts)``, most clicked first (ties: lower
+    id first). Parses only the context features, so it is fast."""
+    spec = {name: spec for name, spec in schema.context_parse_spec().items()
+            if name in (schema.ITEM_ID.name, schema.LABEL.name)}
+
+    def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        context, _, _ = tf.io.parse_sequence_example(serialized, context_features=spec)
+        return context[schema.ITEM_ID.name], context[schema.LABEL.name]
+
+    files = (data_dir.split_files(split) if isinstance(data_dir, DataDir)
+             else split_files(data_dir, split))
+    dataset = (tf.data.TFRecordDataset(files, compression_type="GZIP")
+               .batch(16384).map(parse, num_parallel_calls=tf.data.AUTOTUNE))
+    clicked = [ids[labels > 0] for ids, labels in dataset.as_numpy_iterator()]
+    ids = np.concatenate(clicked) if clicked else np.zeros(0, np.int64)
+    unique, counts = np.unique(ids, return_counts=True)
+    order = np.lexsort((unique, -counts))
+    return unique[order], counts[order]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClickCounts:
+    """Exact clicked train impressions, and those whose item is not in the index (skipped)."""
+
+    clicks_seen: int
+    clicks_not_in_index: int
+
+    @classmethod
+    def of(cls, item_ids: np.ndarray, counts: np.ndarray, catalogue: Catalogue) -> ClickCounts:
+        """From :func:`click_counts` of the train split."""
+        return cls(int(np.sum(counts)), int(np.sum(counts[~catalogue.contains(item_ids)])))
+
+    @property
+    def clicks_in_index(self) -> int:
+        """The training examples of one epoch."""
+        return self.clicks_seen - self.clicks_not_in_index
+
+    def as_dict(self) -> dict[str, int]:
+        return {"clicks_seen": self.clicks_seen, "clicks_not_in_index": self.clicks_not_in_index}
+
+
+def clicked_dataset(data: str | DataDir, split: str, batch_size: int, max_seq_len: int, *,
+                    keep: KeepFn | None = None, columns: Sequence[str] = MODEL_COLUMNS,
+                    shuffle: bool = False, seed: int | None = None,
+                    shuffle_buffer: int = reader.DEFAULT_SHUFFLE_BUFFER, repeat: bool = False,
+                    drop_remainder: bool = False) -> tf.data.Dataset:
+    """Batches of ``batch_size`` clicked impressions (label 1) of ``split`` whose item passes
+    ``keep`` (all clicked ones when None): dicts of ``columns`` (reader names and shapes).
+
+    Without ``shuffle`` the order is the files' (deterministic); with it, the reader's seeded
+    shuffle. ``repeat`` repeats the split forever (reshuffled each pass); batches then run
+    across passes, so with ``drop_remainder`` every batch is full.
+    """
+    dataset = reader.make_dataset(
+        data, split, READ_BATCH, max_seq_len=max_seq_len, shuffle=shuffle,
+        shuffle_buffer=shuffle_buffer, seed=seed if shuffle else None,
+        deterministic=not shuffle, repeat=repeat)
+    columns = tuple(columns)
+
+    def select(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        mask = batch[schema.LABEL.name] > 0.5
+        if keep is not None:
+            mask &= keep(batch[schema.ITEM_ID.name])
+        return {name: tf.boolean_mask(batch[name], mask) for name in columns}
+
+    dataset = dataset.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.rebatch(batch_size, drop_remainder=drop_remainder)
+
+
+def training_dataset(config: config_lib.ExperimentConfig, data: DataDir, seq_len: int,
+                     keep: KeepFn,
+                     add_targets: Callable[[dict[str, tf.Tensor], tf.Tensor],
+                                           dict[str, tf.Tensor]] | None = None
+                     ) -> tf.data.Dataset:
+    """The repeated, shuffled train batches of ``data.batch_size`` clicked impressions whose
+    item passes ``keep``. ``add_targets(batch, step)`` (step: int64 scalar, the batch's index
+    from 0) maps each batch to the model's inputs, e.g. to add the MISS node targets drawn
+    with a seed derived from ``step`` (so the whole pipeline is deterministic)."""
+    dataset = clicked_dataset(
+        data, "train", config.data.batch_size, seq_len, keep=keep, shuffle=True,
+        seed=config.data.seed, shuffle_buffer=config.data.shuffle_buffer, repeat=True,
+        drop_remainder=True)
+    if add_targets is not None:
+        dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.counter())).map(
+            add_targets, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if config.train.strategy == "multi_worker":
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA)
+        dataset = dataset.with_options(options)
+    return dataset.prefetch(tf.data.AUTOTUNE)
