@@ -190,22 +190,19 @@ def bench_gsu(lengths: Sequence[int], dim: int = schema.MM_EMBEDDING_DIM, top_k:
 def _ranking_request(examples: dict[str, np.ndarray], seq_len: int,
                      candidates: int) -> dict[str, np.ndarray]:
     """One user (row 0) whose history is its demo history repeated to ``seq_len``, and
-    ``candidates`` targets of other examples."""
-    from muse_tf.export import ranking as export
+    ``candidates`` targets of other examples, built by the serving request builder."""
+    from muse_tf.export import requests
 
     length = max(1, int(examples[schema.HISTORY_LENGTH][0]))
-    request: dict[str, np.ndarray] = {}
-    for feature in schema.USER_SIDE_FEATURES:
-        request[feature.name] = examples[feature.name][:1].astype(np.int64)
-    for feature in schema.SEQUENCE_FEATURES:
-        values = examples[feature.name][0, :length]
-        request[feature.name] = np.resize(values, seq_len)[np.newaxis, :].astype(np.int64)
-    request[schema.HISTORY_LENGTH] = np.array([seq_len], np.int32)
+    user = {f.name: int(examples[f.name][0]) for f in schema.USER_SIDE_FEATURES}
+    history = {f.name: np.resize(examples[f.name][0, :length], seq_len)
+               for f in schema.SEQUENCE_FEATURES}
     rows = np.arange(candidates) % len(examples[schema.ITEM_ID.name])
-    for feature in schema.ITEM_SIDE_FEATURES:
-        request[feature.name] = examples[feature.name][rows][np.newaxis, :].astype(np.int64)
-    request[export.NUM_CANDIDATES] = np.array([candidates], np.int32)
-    return request
+    picked = [{f.name: int(examples[f.name][r]) for f in schema.ITEM_SIDE_FEATURES}
+              for r in rows]
+    return requests.ranking_request(user, history[schema.HISTORY_ITEM_ID.name],
+                                    history[schema.HISTORY_CATEGORY.name], picked,
+                                    max_seq_len=seq_len, max_candidates=candidates)
 
 
 def bench_serving(work_dir: str, lengths: Sequence[int], data_dir: str | None = None,
@@ -215,6 +212,7 @@ def bench_serving(work_dir: str, lengths: Sequence[int], data_dir: str | None = 
     from muse_tf import config as config_lib
     from muse_tf.data.data_dir import DataDir
     from muse_tf.export import ranking as export
+    from muse_tf.export.names import RANKING_MODEL_NAME
     from muse_tf.models.factory import build_ranking_model
     from serving.bench import grpc_latency
     from serving.server import serve
@@ -234,11 +232,11 @@ def bench_serving(work_dir: str, lengths: Sequence[int], data_dir: str | None = 
         path = export.export_ranking_model(
             model, config, model_dir, max_seq_len=length, max_candidates=candidates,
             warmup_examples=examples)
-        handle = serve(model_name=export.SERVED_MODEL_NAME,
-                       model_base_path=os.path.dirname(path), port=0)
+        handle = serve(model_name=RANKING_MODEL_NAME, model_base_path=os.path.dirname(path),
+                       port=0)
         try:
             for clients in concurrency:
-                stats = grpc_latency(handle.address, export.SERVED_MODEL_NAME, request,
+                stats = grpc_latency(handle.address, RANKING_MODEL_NAME, request,
                                      requests=requests, concurrency=clients).as_dict()
                 rows.append({"seq_len": length, "candidates": candidates, "clients": clients,
                              "p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"],

@@ -8,6 +8,10 @@ of the timed phase. Works against stock TF Serving and :mod:`serving.server` ali
 
     python -m serving.bench --server localhost:8500 --model muse_ranking \\
         --features request.json --requests 2000 --concurrency 8
+
+``--features`` takes what ``python -m serving.client --features`` takes: a raw request
+(``{"user": ..., "history_items": ..., "history_categories": ..., "candidates": ...}``) or
+``{input alias: nested list}``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 import muse_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow's first import)
 from serving import client as client_lib
 from serving import signatures
+from serving.grpc_options import channel_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +88,7 @@ def grpc_latency(server_address: str, model: str, inputs: Mapping[str, Any],
     go = threading.Event()
 
     def worker(slot: int) -> None:
-        channel = grpc.insecure_channel(server_address,
-                                        options=client_lib.channel_options())
+        channel = grpc.insecure_channel(server_address, options=channel_options())
         try:
             predict = client_lib.prediction_service_pb2_grpc.PredictionServiceStub(
                 channel).Predict
@@ -138,13 +142,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--signature", default=signatures.DEFAULT_SIGNATURE)
     parser.add_argument("--features", required=True,
-                        help="JSON file {input alias: nested list}")
+                        help="JSON file: a raw request or {input alias: nested list} (as "
+                             "python -m serving.client --features)")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=10)
     args = parser.parse_args(argv)
     with open(args.features) as f:
-        inputs = json.load(f)
+        obj = json.load(f)
+    with client_lib.PredictionClient(args.server) as client:
+        inputs = client_lib.inputs_from_json(
+            obj, client.signature_def(args.model, args.signature))
     stats = grpc_latency(args.server, args.model, inputs, args.requests, args.concurrency,
                          signature_name=args.signature, warmup=args.warmup)
     print(json.dumps(stats.as_dict()))

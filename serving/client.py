@@ -11,18 +11,26 @@ dimension is refused before sending, with a message naming it::
     with PredictionClient("localhost:8500") as client:
         scores = client.predict("muse_ranking", {"hist_item_id": [[5, 9, 2]], ...})["scores"]
 
+For the muse_tf signatures (ranking, retrieval) the request can also be *raw*: a user, the
+history lists and (ranking) candidate mappings, built into the signature's inputs by
+:mod:`muse_tf.export.requests` (:meth:`PredictionClient.request_layout`,
+:func:`inputs_from_json`).
+
 Command line (prints the response as JSON)::
 
     python -m serving.client --server localhost:8500 --model muse_ranking \\
-        (--features request.json | --tfrecord FILE --index I) [--signature serving_default]
-        [--version V]
+        (--features request.json | --tfrecord FILE_OR_GLOB --index I [--num_candidates N])
+        [--signature serving_default] [--version V]
 
-``--features`` reads a JSON object ``{"input alias": nested list, ...}``; ``--tfrecord``
-reads record ``I`` of a TFRecord file (GZIP if the name ends in ``.gz``) holding either
-``PredictionLog``s (a warm-up file: its request's inputs are sent) or
-``tf.train.SequenceExample``/``Example``s (the Beam records: context features become
-``[1]`` arrays, feature lists ``[steps]`` arrays, features the signature does not take are
-dropped, and a missing :data:`muse_tf.schema.HISTORY_LENGTH` input is the number of steps).
+``--features`` reads a JSON object: a raw request ``{"user": {...}, "history_items": [...],
+"history_categories": [...], "candidates": [{...}, ...]}`` (no ``candidates`` for a
+retrieval model) or ``{"input alias": nested list, ...}``. ``--tfrecord`` reads record ``I``
+(0-based, counted across the sorted files a glob matches; GZIP when a name ends in ``.gz``)
+holding either a ``PredictionLog`` (a warm-up file: its request's inputs are sent) or a Beam
+``SequenceExample``: for the ranking signature, that record's user and as candidates the
+targets of records ``I .. I+N-1`` (``N = --num_candidates``, default 1: the record's own
+target); for a retrieval signature, the record's user; for any other signature, the record's
+features by name (see :func:`features_from_record`).
 """
 
 from __future__ import annotations
@@ -52,17 +60,16 @@ from tensorflow_serving.apis import (
 # isort: on
 
 from muse_tf import schema
+from muse_tf.export import requests
 from serving import signatures
+from serving.grpc_options import MAX_MESSAGE_BYTES, channel_options
 
-#: gRPC send/receive limit of the client channel (as the server's).
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 DEFAULT_TIMEOUT_SECONDS = 30.0
 
-
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """gRPC channel options raising the default 4 MiB message limit."""
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+__all__ = ["DEFAULT_TIMEOUT_SECONDS", "MAX_MESSAGE_BYTES", "PredictionClient",
+           "build_predict_request", "channel_options", "features_from_record",
+           "inputs_from_json", "inputs_from_tfrecord", "read_record", "read_records",
+           "response_outputs"]
 
 
 def build_predict_request(
@@ -175,7 +182,7 @@ class PredictionClient:
         request.model_spec.name = model
         if version is not None:
             request.model_spec.version.value = int(version)
-        request.metadata_field.append("signature_def")
+        request.metadata_field.append(signatures.METADATA_FIELD)
         return self._prediction.GetModelMetadata(request, timeout=self.timeout)
 
     def signature_defs(self, model: str, version: int | None = None
@@ -192,7 +199,7 @@ class PredictionClient:
                 self._signature_defs[key] = None
             else:
                 signature_map = get_model_metadata_pb2.SignatureDefMap()
-                response.metadata["signature_def"].Unpack(signature_map)
+                response.metadata[signatures.METADATA_FIELD].Unpack(signature_map)
                 self._signature_defs[key] = dict(signature_map.signature_def)
         return self._signature_defs[key]
 
@@ -208,19 +215,46 @@ class PredictionClient:
 
     # -- predict ----------------------------------------------------------------------------
 
+    def signature_def(self, model: str, signature_name: str = signatures.DEFAULT_SIGNATURE,
+                      version: int | None = None) -> meta_graph_pb2.SignatureDef | None:
+        """The ``SignatureDef`` of ``signature_name`` (None if the server does not implement
+        ``GetModelMetadata``); an unknown signature is an ``InputError`` naming it."""
+        defs = self.signature_defs(model, version)
+        if defs is None:
+            return None
+        if signature_name not in defs:
+            raise signatures.InputError(
+                f"model {model!r} has no signature {signature_name!r}; it has "
+                f"{sorted(n for n in defs if not n.startswith('__'))}")
+        return defs[signature_name]
+
+    def request_layout(self, model: str, signature_name: str = signatures.DEFAULT_SIGNATURE,
+                       version: int | None = None) -> requests.RequestLayout:
+        """What the muse_tf signature ``signature_name`` of ``model`` takes (ranking or
+        retrieval, its static sizes), to build raw requests for it.
+
+        Raises:
+          InputError: the server gives no signatures, or this one is not a muse_tf one.
+        """
+        signature_def = self.signature_def(model, signature_name, version)
+        if signature_def is None:
+            raise signatures.InputError(
+                f"{self.server} does not implement GetModelMetadata: the signature of "
+                f"{model!r}, needed to build a raw request, is unknown")
+        layout = signatures.request_layout(signature_def)
+        if layout is None:
+            raise signatures.InputError(
+                f"signature {signature_name!r} of {model!r} takes "
+                f"{sorted(signature_def.inputs)}: not a muse_tf ranking or retrieval signature, "
+                "so it takes {input alias: values}, not a raw request")
+        return layout
+
     def build_request(self, model: str, inputs: Mapping[str, Any], *,
                       signature_name: str = signatures.DEFAULT_SIGNATURE,
                       version: int | None = None, version_label: str | None = None,
                       output_filter: Iterable[str] = ()) -> predict_pb2.PredictRequest:
         """:func:`build_predict_request` with the signature fetched from the server."""
-        defs = self.signature_defs(model, version)
-        signature_def = None
-        if defs is not None:
-            if signature_name not in defs:
-                raise signatures.InputError(
-                    f"model {model!r} has no signature {signature_name!r}; it has "
-                    f"{sorted(n for n in defs if not n.startswith('__'))}")
-            signature_def = defs[signature_name]
+        signature_def = self.signature_def(model, signature_name, version)
         return build_predict_request(model, inputs, signature_name=signature_name,
                                      version=version, version_label=version_label,
                                      signature_def=signature_def, pad=self.pad,
@@ -246,16 +280,54 @@ class PredictionClient:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_record(path: str, index: int) -> bytes:
-    """Record ``index`` (0-based) of a TFRecord file (GZIP when ``path`` ends in ``.gz``)."""
+def _record_files(pattern: str) -> list[str]:
+    if any(c in pattern for c in "*?["):
+        files = sorted(tf.io.gfile.glob(pattern))
+        if not files:
+            raise FileNotFoundError(f"no TFRecord file matches {pattern!r}")
+        return files
+    if not tf.io.gfile.exists(pattern):
+        raise FileNotFoundError(f"no TFRecord file {pattern!r}")
+    return [pattern]
+
+
+def read_records(pattern: str, index: int, count: int = 1) -> list[bytes]:
+    """Records ``index .. index+count-1`` (0-based) of a TFRecord file, or of the sorted files
+    a glob matches, counted across them (GZIP for names ending in ``.gz``)."""
     if index < 0:
         raise ValueError(f"record index must be >= 0, got {index}")
-    compression = "GZIP" if path.endswith(".gz") else None
-    options = tf.io.TFRecordOptions(compression_type=compression)
-    for position, record in enumerate(tf.compat.v1.io.tf_record_iterator(path, options)):
-        if position == index:
-            return record
-    raise IndexError(f"{path} has fewer than {index + 1} records")
+    if count < 1:
+        raise ValueError(f"record count must be >= 1, got {count}")
+    out: list[bytes] = []
+    position = 0
+    for path in _record_files(pattern):
+        options = tf.io.TFRecordOptions(compression_type="GZIP" if path.endswith(".gz")
+                                        else None)
+        for record in tf.compat.v1.io.tf_record_iterator(path, options):
+            if position >= index:
+                out.append(record)
+                if len(out) == count:
+                    return out
+            position += 1
+    raise IndexError(f"{pattern} has fewer than {index + count} records ({position})")
+
+
+def read_record(path: str, index: int) -> bytes:
+    """Record ``index`` (0-based) of a TFRecord file or glob (see :func:`read_records`)."""
+    return read_records(path, index, 1)[0]
+
+
+def _prediction_log_inputs(record: bytes) -> dict[str, np.ndarray] | None:
+    """The request inputs of a serialised ``PredictionLog`` (warm-up record), else None."""
+    log = prediction_log_pb2.PredictionLog()
+    try:
+        log.ParseFromString(record)
+    except Exception:  # google.protobuf.message.DecodeError: not a PredictionLog
+        return None
+    if log.WhichOneof("log_type") != "predict_log":
+        return None
+    return {alias: tf.make_ndarray(proto)
+            for alias, proto in log.predict_log.request.inputs.items()}
 
 
 def _feature_values(feature: example_pb2.Feature) -> np.ndarray:
@@ -272,21 +344,17 @@ def _feature_values(feature: example_pb2.Feature) -> np.ndarray:
 def features_from_record(record: bytes,
                          signature_def: meta_graph_pb2.SignatureDef | None = None
                          ) -> dict[str, np.ndarray]:
-    """Inputs from one serialised record (see the module doc for the accepted kinds).
+    """A record's features by name, for any signature (no schema involved).
 
-    With ``signature_def``, features it does not take are dropped and a missing
-    :data:`muse_tf.schema.HISTORY_LENGTH` input is filled with the number of steps.
+    A ``PredictionLog`` gives its request's inputs. A ``SequenceExample``/``Example`` gives
+    its context features as ``[1]`` arrays and its feature lists as ``[steps]`` arrays; with
+    ``signature_def``, features it does not take are dropped and a missing
+    :data:`muse_tf.schema.HISTORY_LENGTH` input is the number of steps. (For the muse_tf
+    signatures, :func:`inputs_from_tfrecord` builds the full request instead.)
     """
-    log = prediction_log_pb2.PredictionLog()
-    try:
-        log.ParseFromString(record)
-        is_log = log.WhichOneof("log_type") == "predict_log"
-    except Exception:  # google.protobuf.message.DecodeError: not a PredictionLog
-        is_log = False
-    if is_log:
-        return {alias: tf.make_ndarray(proto)
-                for alias, proto in log.predict_log.request.inputs.items()}
-
+    inputs = _prediction_log_inputs(record)
+    if inputs is not None:
+        return inputs
     example = example_pb2.SequenceExample()
     example.ParseFromString(record)
     features = {name: _feature_values(feature)
@@ -308,9 +376,71 @@ def features_from_record(record: bytes,
         wanted = set(signature_def.inputs)
         if (schema.HISTORY_LENGTH in wanted and schema.HISTORY_LENGTH not in features
                 and steps is not None):
-            features[schema.HISTORY_LENGTH] = np.asarray([steps], dtype=np.int64)
+            features[schema.HISTORY_LENGTH] = np.asarray([steps], dtype=schema.LENGTH_DTYPE)
         features = {name: value for name, value in features.items() if name in wanted}
     return features
+
+
+def inputs_from_tfrecord(pattern: str, index: int,
+                         signature_def: meta_graph_pb2.SignatureDef | None,
+                         num_candidates: int | None = None) -> dict[str, np.ndarray]:
+    """A request's inputs from record ``index`` of a TFRecord file or glob.
+
+    * a ``PredictionLog`` (warm-up record): its request's inputs;
+    * a Beam ``SequenceExample`` and the muse_tf ranking signature: the record's user, and
+      as candidates the targets of records ``index .. index + num_candidates - 1`` (default
+      1: the record's own target), built by :mod:`muse_tf.export.requests` (history fitted
+      to the signature's length, newest kept);
+    * a ``SequenceExample`` and a muse_tf retrieval signature: the record's user;
+    * any other signature: :func:`features_from_record`.
+    """
+    record = read_record(pattern, index)
+    layout = None if signature_def is None else signatures.request_layout(signature_def)
+    if num_candidates is not None and (layout is None or layout.kind != requests.RANKING):
+        raise ValueError("num_candidates needs a muse_tf ranking signature and Beam records")
+    inputs = _prediction_log_inputs(record)
+    if inputs is not None:
+        if num_candidates is not None:
+            raise ValueError(f"record {index} of {pattern} is a warm-up PredictionLog: its "
+                             "request is sent as it is, num_candidates does not apply")
+        return inputs
+    if layout is None:
+        return features_from_record(record, signature_def)
+    if layout.kind == requests.RETRIEVAL:
+        batch = requests.examples_from_records([record], layout.max_seq_len)
+        (query,) = requests.retrieval_queries_from_examples(
+            batch, max_seq_len=layout.max_seq_len, num_requests=1)
+        return query
+    count = 1 if num_candidates is None else num_candidates
+    if count < 1 or count > layout.max_candidates:  # type: ignore[operator]
+        raise signatures.InputError(
+            f"num_candidates {count}: the ranking signature takes 1 .. "
+            f"{layout.max_candidates} candidates ({schema.ITEM_ID.name!r})")
+    records = [record, *read_records(pattern, index + 1, count - 1)] if count > 1 else [record]
+    batch = requests.examples_from_records(records, layout.max_seq_len)
+    (request,) = requests.ranking_requests_from_examples(
+        batch, max_seq_len=layout.max_seq_len, max_candidates=layout.max_candidates,
+        num_requests=1, candidates_per_request=count)
+    return request
+
+
+def inputs_from_json(obj: Any, signature_def: meta_graph_pb2.SignatureDef | None
+                     ) -> Mapping[str, Any]:
+    """A request's inputs from a JSON value: a raw request (``{"user": ..., "history_items":
+    ..., "history_categories": ..., ["candidates": ...]}``, built for the muse_tf signature
+    ``signature_def``) or ``{input alias: values}`` (returned as it is)."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"a request is a JSON object (a raw request or {{input alias: "
+                         f"values}}), got {type(obj).__name__}")
+    if not requests.is_raw_request(obj):
+        return obj
+    layout = None if signature_def is None else signatures.request_layout(signature_def)
+    if layout is None:
+        raise signatures.InputError(
+            f"a raw request ({list(requests.RAW_REQUEST_KEYS)}) needs a muse_tf ranking or "
+            "retrieval signature; this signature takes "
+            f"{sorted(signature_def.inputs) if signature_def is not None else 'unknown inputs'}")
+    return layout.from_raw(obj)
 
 
 def _to_jsonable(array: np.ndarray) -> Any:
@@ -331,31 +461,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--signature", default=signatures.DEFAULT_SIGNATURE)
     parser.add_argument("--version", type=int, default=None)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--features", help="JSON file {input alias: nested list} ('-': stdin)")
-    source.add_argument("--tfrecord", help="TFRecord file of PredictionLogs or "
-                                           "(Sequence)Examples")
+    source.add_argument("--features", help="JSON file: a raw request or {input alias: nested "
+                                           "list} ('-': stdin)")
+    source.add_argument("--tfrecord", help="TFRecord file or glob of PredictionLogs or Beam "
+                                           "SequenceExamples")
     parser.add_argument("--index", type=int, default=0, help="record index with --tfrecord")
+    parser.add_argument("--num_candidates", type=int, default=None,
+                        help="with --tfrecord and a ranking model: rank the targets of this "
+                             "many records from --index on (default 1)")
     parser.add_argument("--no_pad", action="store_true",
                         help="send inputs as given (no padding to static dimensions)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS)
     args = parser.parse_args(argv)
+    if args.num_candidates is not None and args.tfrecord is None:
+        parser.error("--num_candidates goes with --tfrecord")
 
     with PredictionClient(args.server, timeout=args.timeout, pad=not args.no_pad) as client:
         try:
-            defs = client.signature_defs(args.model, args.version)
-            signature_def = None if defs is None else defs.get(args.signature)
+            signature_def = client.signature_def(args.model, args.signature, args.version)
             if args.features is not None:
                 if args.features == "-":
-                    inputs = json.load(sys.stdin)
+                    obj = json.load(sys.stdin)
                 else:
                     with open(args.features) as f:
-                        inputs = json.load(f)
-                if not isinstance(inputs, dict):
-                    parser.error(f"{args.features} must hold a JSON object of input alias -> "
-                                 "values")
+                        obj = json.load(f)
+                inputs = inputs_from_json(obj, signature_def)
             else:
-                inputs = features_from_record(read_record(args.tfrecord, args.index),
-                                              signature_def)
+                inputs = inputs_from_tfrecord(args.tfrecord, args.index, signature_def,
+                                              args.num_candidates)
             request = client.build_request(args.model, inputs, signature_name=args.signature,
                                            version=args.version)
             response = client.predict_response(request)

@@ -7,15 +7,17 @@
 3. ``Predict`` on the ranking export (``muse_ranking``): the same user block + the best
    retrieved items as candidates (at most the ranker's ``C``) -> click probabilities.
 
-Both models may be served by one server (stock TF Serving or ``serving.server`` with a
-``models.config`` naming both)::
+Both requests are built by :mod:`muse_tf.export.requests` for the served signatures' sizes.
+Both models are served by one server (stock TF Serving or ``serving.server`` with a
+``models.config`` naming both, e.g. ``serving/models.pipeline.config``)::
 
     python -m serving.pipeline --server localhost:8500 --request request.json \\
-        --items DIR/item_features.parquet [--retrieval-model miss_retrieval]
+        --items "RAW/item_features*.parquet" [--retrieval-model miss_retrieval]
 
-``request.json`` holds ``user`` (a mapping of user features), ``history_items`` and
-``history_categories``; the output lists items with their retrieval and ranking scores,
-best ranking score first.
+``request.json`` is a raw retrieval request (:data:`muse_tf.export.requests.RAW_REQUEST_KEYS`
+without ``candidates``): ``user`` (a mapping of user features), ``history_items`` and
+``history_categories``; the output lists items with their retrieval and ranking scores, best
+ranking score first.
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ import glob
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
 
+import grpc
 import numpy as np
 
 from muse_tf import schema
+from muse_tf.export import requests
+from muse_tf.export.names import MISS_MODEL_NAME, RANKING_MODEL_NAME
+from muse_tf.export.signatures import ITEM_IDS, SCORES
 from serving import ranking
-
-RETRIEVAL_MODEL = "miss_retrieval"
+from serving.client import PredictionClient
+from serving.signatures import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,35 +68,33 @@ def load_item_catalogue(pattern: str) -> dict[int, dict[str, int]]:
     return catalogue
 
 
-def retrieve(client: Any, user: Mapping[str, int], history_items: Sequence[int],
+def retrieve(client: PredictionClient, user: Mapping[str, int], history_items: Sequence[int],
              history_categories: Sequence[int],
-             model: str = RETRIEVAL_MODEL) -> tuple[np.ndarray, np.ndarray]:
+             model: str = MISS_MODEL_NAME) -> tuple[np.ndarray, np.ndarray]:
     """Item ids and scores from a retrieval export (padding slots, id 0, dropped)."""
-    inputs = ranking.ranking_inputs(user, history_items, history_categories,
-                                    [{schema.ITEM_ID.name: 1}])
-    signature = client.signature_defs(model)["serving_default"]
-    inputs = {k: v for k, v in inputs.items() if k in signature.inputs}
-    outputs = client.predict(model, inputs)
-    ids, scores = np.asarray(outputs["item_ids"])[0], np.asarray(outputs["scores"])[0]
+    layout = client.request_layout(model)
+    if layout.kind != requests.RETRIEVAL:
+        raise InputError(f"model {model!r} serves a {layout.kind} signature, not a retrieval "
+                         "signature")
+    outputs = client.predict(model, layout.build(user, history_items, history_categories))
+    ids, scores = np.asarray(outputs[ITEM_IDS])[0], np.asarray(outputs[SCORES])[0]
     keep = ids != 0
     return ids[keep], scores[keep]
 
 
-def retrieve_and_rank(client: Any, user: Mapping[str, int], history_items: Sequence[int],
-                      history_categories: Sequence[int],
+def retrieve_and_rank(client: PredictionClient, user: Mapping[str, int],
+                      history_items: Sequence[int], history_categories: Sequence[int],
                       catalogue: Mapping[int, Mapping[str, int]],
-                      retrieval_model: str = RETRIEVAL_MODEL,
-                      ranking_model: str = ranking.MODEL_NAME) -> list[Ranked]:
+                      retrieval_model: str = MISS_MODEL_NAME,
+                      ranking_model: str = RANKING_MODEL_NAME) -> list[Ranked]:
     """Retrieve, rank the best ``C`` retrieved items, return them best ranking score first.
 
     Retrieved items missing from ``catalogue`` are ranked with attributes 0 ("missing").
     """
     ids, retrieval_scores = retrieve(client, user, history_items, history_categories,
                                      retrieval_model)
-    signature = client.signature_defs(ranking_model)["serving_default"]
-    max_candidates = signature.inputs[schema.ITEM_ID.name].tensor_shape.dim[1].size
-    if max_candidates > 0:
-        ids, retrieval_scores = ids[:max_candidates], retrieval_scores[:max_candidates]
+    max_candidates = ranking.ranking_layout(client, ranking_model).max_candidates
+    ids, retrieval_scores = ids[:max_candidates], retrieval_scores[:max_candidates]
     if len(ids) == 0:
         return []
     candidates = [{schema.ITEM_ID.name: int(i), **catalogue.get(int(i), {})} for i in ids]
@@ -103,23 +106,30 @@ def retrieve_and_rank(client: Any, user: Mapping[str, int], history_items: Seque
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from serving.client import PredictionClient
-
     parser = argparse.ArgumentParser(prog="python -m serving.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", default="localhost:8500")
     parser.add_argument("--request", required=True)
     parser.add_argument("--items", required=True, help="item_features parquet file or glob")
-    parser.add_argument("--retrieval-model", default=RETRIEVAL_MODEL)
-    parser.add_argument("--ranking-model", default=ranking.MODEL_NAME)
+    parser.add_argument("--retrieval-model", default=MISS_MODEL_NAME)
+    parser.add_argument("--ranking-model", default=RANKING_MODEL_NAME)
     args = parser.parse_args(argv)
-    with open(args.request) as f:
-        request = json.load(f)
-    catalogue = load_item_catalogue(args.items)
-    with PredictionClient(args.server) as client:
-        ranked = retrieve_and_rank(client, request["user"], request["history_items"],
-                                   request["history_categories"], catalogue,
-                                   args.retrieval_model, args.ranking_model)
+    try:
+        with open(args.request) as f:
+            user, items, categories, candidates = requests.raw_request_fields(json.load(f))
+        if candidates is not None:
+            raise ValueError(f"{args.request}: the pipeline retrieves its candidates; drop "
+                             f"{requests.CANDIDATES!r}")
+        catalogue = load_item_catalogue(args.items)
+        with PredictionClient(args.server) as client:
+            ranked = retrieve_and_rank(client, user, items, categories, catalogue,
+                                       args.retrieval_model, args.ranking_model)
+    except grpc.RpcError as error:
+        print(f"serving.pipeline: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:
+        print(f"serving.pipeline: {error}", file=sys.stderr)
+        return 2
     print(json.dumps([dataclasses.asdict(r) for r in ranked], indent=1))
     return 0
 

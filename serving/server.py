@@ -4,8 +4,8 @@ Implements ``tensorflow.serving.PredictionService`` (``Predict``, ``GetModelMeta
 ``tensorflow.serving.ModelService`` (``GetModelStatus``) the way ``tensorflow_model_server``
 does, so one client works against both::
 
-    python -m serving.server --model_name muse_ranking --model_base_path /exports/muse_ranking
-    python -m serving.server --model_config_file serving/models.config --port 8500
+    python -m serving.server --model_name muse_ranking --model_base_path runs/muse/export/ranker
+    python -m serving.server --model_config_file serving/models.pipeline.config --port 8500
 
 Model layout (as TF Serving): ``BASE/<integer version>/saved_model.pb`` plus ``variables/``,
 ``assets/`` and optionally ``assets.extra/tf_serving_warmup_requests``.
@@ -30,7 +30,8 @@ Model layout (as TF Serving): ``BASE/<integer version>/saved_model.pb`` plus ``v
   that stock TF Serving does not offer; ``--no_pad_inputs`` turns it off). Status codes follow
   TF Serving: unknown model or version ``NOT_FOUND``, unknown signature
   ``FAILED_PRECONDITION``.
-* Binds 127.0.0.1 unless told otherwise; 512 MiB gRPC messages; a thread pool for concurrent
+* Binds 127.0.0.1 unless told otherwise; 512 MiB gRPC messages
+  (:data:`serving.grpc_options.MAX_MESSAGE_BYTES`, the client's too); a thread pool for concurrent
   requests; SIGTERM / SIGINT stop accepting, let running requests finish, exit 0.
 """
 
@@ -68,12 +69,10 @@ from tensorflow_serving.config import model_server_config_pb2
 # isort: on
 
 from serving import signatures
+from serving.grpc_options import MAX_MESSAGE_BYTES, channel_options
 
 logger = logging.getLogger("serving.server")
 
-#: gRPC send/receive limit: a 100,000-long int64 history per candidate for 100 candidates is
-#: 80 MB per feature; TF Serving itself allows up to 2 GiB.
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 #: Loads of one version tried before giving up (a version written in place may be partial),
 #: at least LOAD_RETRY_SECONDS apart.
 MAX_LOAD_ATTEMPTS = 5
@@ -385,9 +384,10 @@ class ServedModel:
             raise ValueError("a model config entry has no name")
         if not config.base_path:
             raise ValueError(f"model {config.name!r} has no base_path")
-        if config.model_platform not in ("", "tensorflow"):
+        if config.model_platform not in ("", signatures.MODEL_PLATFORM):
             raise ValueError(f"model {config.name!r} has model_platform "
-                             f"{config.model_platform!r}; only 'tensorflow' is served")
+                             f"{config.model_platform!r}; only "
+                             f"{signatures.MODEL_PLATFORM!r} is served")
         self.name = config.name
         self.base_path = config.base_path
         self.policy = config.model_version_policy
@@ -626,13 +626,13 @@ class ModelManager:
         if not request.metadata_field:
             raise _invalid("GetModelMetadataRequest must specify at least one metadata_field")
         for field in request.metadata_field:
-            if field != "signature_def":
+            if field != signatures.METADATA_FIELD:
                 raise _invalid(f"Metadata field {field} is not supported")
         with self.model(request.model_spec.name).use(request.model_spec) as loaded:
             response = get_model_metadata_pb2.GetModelMetadataResponse()
             response.model_spec.name = loaded.model_name
             response.model_spec.version.value = loaded.version
-            response.metadata["signature_def"].Pack(loaded.signature_def_map())
+            response.metadata[signatures.METADATA_FIELD].Pack(loaded.signature_def_map())
             return response
 
     def get_model_status(self, request: get_model_status_pb2.GetModelStatusRequest
@@ -741,7 +741,7 @@ def single_model_config(name: str, base_path: str) -> model_server_config_pb2.Mo
     entry = config.model_config_list.config.add()
     entry.name = name
     entry.base_path = base_path
-    entry.model_platform = "tensorflow"
+    entry.model_platform = signatures.MODEL_PLATFORM
     return config
 
 
@@ -769,9 +769,7 @@ def serve(model_config: model_server_config_pb2.ModelServerConfig | str | None =
 
     manager = ModelManager(model_config, options)
     manager.start()
-    message_options = [("grpc.max_send_message_length", options.max_message_bytes),
-                       ("grpc.max_receive_message_length", options.max_message_bytes),
-                       ("grpc.so_reuseport", 0)]
+    message_options = [*channel_options(options.max_message_bytes), ("grpc.so_reuseport", 0)]
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=options.max_workers,
                                               thread_name_prefix="serving-rpc"),
@@ -800,7 +798,8 @@ def serve(model_config: model_server_config_pb2.ModelServerConfig | str | None =
     return handle
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line of ``python -m serving.server`` (flags as ``tensorflow_model_server``'s)."""
     parser = argparse.ArgumentParser(
         prog="python -m serving.server",
         description="Local TF Serving-compatible gRPC server (Predict, GetModelMetadata, "
@@ -836,16 +835,22 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def serve_from_args(args: argparse.Namespace) -> ServerHandle:
+    """:func:`serve` what a parsed command line (:func:`parse_args`) asks for."""
     options = ServerOptions(
         host=args.host, port=args.port, max_workers=args.max_workers,
         poll_seconds=args.poll_seconds, pad_inputs=not args.no_pad_inputs,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         enable_warmup=not args.no_warmup, session_parallelism=args.session_parallelism,
         grace_seconds=args.grace_seconds)
+    return serve(args.model_config_file, model_name=args.model_name,
+                 model_base_path=args.model_base_path, options=options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
     received: list[int] = []
 
@@ -857,8 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        handle = serve(args.model_config_file, model_name=args.model_name,
-                       model_base_path=args.model_base_path, options=options)
+        handle = serve_from_args(args)
     except (ValueError, OSError) as error:
         print(f"serving.server: {error}", file=sys.stderr)
         return 2
@@ -867,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     while not stop.wait(1.0):
         pass
     logger.info("received %s: stopping (grace %.0f s)", signal.Signals(received[0]).name,
-                options.grace_seconds)
+                handle.options.grace_seconds)
     handle.stop()
     logger.info("stopped")
     return 0

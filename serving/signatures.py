@@ -17,9 +17,13 @@ Padding to the declared static size is a convenience of this project's server an
 **stock TF Serving does not pad**, so a client that talks to stock TF Serving must send the
 full static shapes (:mod:`serving.client` pads before sending, so it works against both).
 
+:func:`request_layout` tells whether a signature is one of muse_tf's (ranking or retrieval)
+and its static sizes, so that requests are built by :mod:`muse_tf.export.requests`.
+
 :func:`missing_ops` / :func:`needs_scann` look at a SavedModel's MetaGraphDef before it is
 loaded, and :func:`write_warmup_requests` / :func:`read_warmup_requests` handle the
-``assets.extra/tf_serving_warmup_requests`` file TF Serving replays on load.
+``assets.extra/tf_serving_warmup_requests`` file TF Serving replays on load (the writer and
+the file's name and limit are :mod:`muse_tf.export.warmup`'s).
 """
 
 from __future__ import annotations
@@ -38,15 +42,22 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 # isort: on
 
-#: The signature a request without ``signature_name`` runs (as TF Serving).
-DEFAULT_SIGNATURE = "serving_default"
+from muse_tf.export import publish, requests, warmup
+
+#: The signature a request without ``signature_name`` runs (as TF Serving), and the one
+#: every muse_tf export serves.
+DEFAULT_SIGNATURE = publish.SIGNATURE_NAME
+#: The ``GetModelMetadata`` field that holds the signatures (the only one TF Serving has).
+METADATA_FIELD = "signature_def"
+#: The ``model_platform`` of a ``ModelConfig`` that serves SavedModels.
+MODEL_PLATFORM = "tensorflow"
 #: The tag set of the MetaGraphDef that TF Serving loads.
-SERVE_TAG = "serve"
+SERVE_TAG = tf.saved_model.SERVING
 #: Where TF Serving looks for warm-up requests inside a SavedModel directory.
-ASSETS_EXTRA_DIR = "assets.extra"
-WARMUP_FILE = "tf_serving_warmup_requests"
+ASSETS_EXTRA_DIR = publish.ASSETS_EXTRA
+WARMUP_FILE = warmup.WARMUP_FILE
 #: TF Serving refuses warm-up files with more records than this.
-MAX_WARMUP_RECORDS = 1000
+MAX_WARMUP_RECORDS = warmup.MAX_WARMUP_RECORDS
 #: Op-name prefix of the custom ops that ``import scann`` registers ("Scann>ScannSearch").
 SCANN_OP_PREFIX = "Scann"
 
@@ -106,6 +117,19 @@ def output_specs(signature: meta_graph_pb2.SignatureDef) -> dict[str, InputSpec]
     """Alias -> :class:`InputSpec` for every output of ``signature``, sorted by alias."""
     return {alias: InputSpec.from_tensor_info(alias, signature.outputs[alias])
             for alias in sorted(signature.outputs)}
+
+
+def request_layout(signature: meta_graph_pb2.SignatureDef) -> requests.RequestLayout | None:
+    """The muse_tf request layout (ranking or retrieval, static sizes) of ``signature``;
+    None for a signature that is not one of muse_tf's."""
+    specs = input_specs(signature)
+    if requests.request_kind(specs) is None:
+        return None
+    try:
+        return requests.RequestLayout.from_shapes(
+            {alias: spec.shape for alias, spec in specs.items()})
+    except ValueError as error:
+        raise InputError(str(error)) from error
 
 
 def dtype_name(dtype: int) -> str:
@@ -220,30 +244,12 @@ def _cast(alias: str, array: np.ndarray, target: np.dtype, spec: InputSpec) -> n
         return array.astype(target)
     kind = array.dtype.kind
     if target.kind in "iu":
-        if kind == "f":
-            if not np.all(np.isfinite(array)) or not np.all(np.floor(array) == array):
-                raise InputError(f"input {alias!r} holds non-integral values but the signature "
-                                 f"expects {spec.describe()}")
-        elif kind == "O":  # Python ints beyond 64 bits, or mixed objects
-            info = np.iinfo(target)
-            for value in array.ravel().tolist():
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise InputError(f"input {alias!r} holds {value!r}, not an integer "
-                                     f"({spec.describe()})")
-                if not info.min <= value <= info.max:
-                    raise InputError(f"input {alias!r} holds {value}, outside the range of "
-                                     f"{spec.describe()}")
-            return np.array(array.tolist(), dtype=target)
-        elif kind not in "iub":
-            raise InputError(f"input {alias!r} has dtype {array.dtype} but the signature "
-                             f"expects {spec.describe()}")
-        info = np.iinfo(target)
-        low, high = int(array.min()), int(array.max())
-        if low < info.min or high > info.max:
-            bad = low if low < info.min else high
-            raise InputError(f"input {alias!r} holds {bad}, outside the range of "
-                             f"{spec.describe()}")
-        return array.astype(target)
+        if kind == "b":  # generic signatures may take flags as integers
+            return array.astype(target)
+        try:  # the range and integrality checks of muse_tf's request builder
+            return requests.integer_array(alias, array, target, label=f"input {alias!r}")
+        except ValueError as error:
+            raise InputError(f"{error} (the signature expects {spec.describe()})") from error
     if target.kind in "fc":
         if kind not in "iubf" + ("c" if target.kind == "c" else ""):
             raise InputError(f"input {alias!r} has dtype {array.dtype} but the signature "
@@ -330,29 +336,9 @@ def needs_scann(meta_graph: meta_graph_pb2.MetaGraphDef) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def warmup_path(export_dir: str) -> str:
-    return os.path.join(export_dir, ASSETS_EXTRA_DIR, WARMUP_FILE)
-
-
-def write_warmup_requests(export_dir: str, requests: Iterable[Any]) -> str:
-    """Write ``PredictRequest`` protos as TF Serving's warm-up file of ``export_dir``.
-
-    Returns the file's path. Raises ``ValueError`` for more than :data:`MAX_WARMUP_RECORDS`.
-    """
-    from tensorflow_serving.apis import prediction_log_pb2
-
-    requests = list(requests)
-    if len(requests) > MAX_WARMUP_RECORDS:
-        raise ValueError(f"{len(requests)} warm-up requests; TF Serving accepts at most "
-                         f"{MAX_WARMUP_RECORDS}")
-    path = warmup_path(export_dir)
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    with tf.io.TFRecordWriter(path) as writer:
-        for request in requests:
-            log = prediction_log_pb2.PredictionLog()
-            log.predict_log.request.CopyFrom(request)
-            writer.write(log.SerializeToString())
-    return path
+warmup_path = warmup.warmup_path
+#: Write ``PredictRequest`` protos as the warm-up file of an export directory.
+write_warmup_requests = warmup.write_warmup_logs
 
 
 def read_warmup_requests(export_dir: str) -> Iterator[Any]:

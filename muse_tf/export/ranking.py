@@ -3,17 +3,22 @@
 ``python -m muse_tf.export --model-dir DIR [--version N]`` (also run at the end of training)
 writes ``DIR/export/ranker/<version>/`` with:
 
-* a ``serving_default`` signature whose inputs are raw ids as a production log has them, one
-  row per user: the user features ``[B]``, the lifelong history (right-padded item ids and
-  categories ``[B, L]``, ``L`` the model's maximum history length) with ``hist_len``
-  ``[B]``, and up to ``C`` candidate items (right-padded ids and attributes ``[B, C]``) with
-  ``num_candidates`` ``[B]``; output ``scores`` ``[B, C]`` — the click probability of each
+* a ``serving_default`` signature (:func:`~muse_tf.export.signatures.ranking_input_signature`)
+  whose inputs are raw ids as a production log has them, one row per user: the user features
+  int64 ``[B]``, the lifelong history (right-padded item ids and categories int64 ``[B, L]``,
+  ``L`` the model's maximum history length) with ``hist_len`` int32 ``[B]``, and up to ``C``
+  candidate items (right-padded ids and attributes int64 ``[B, C]``) with ``num_candidates``
+  int32 ``[B]``; output ``scores`` float32 ``[B, C]`` — the click probability of each
   candidate, 0 for padded candidate slots. No ragged tensors; the static maximums are the
   declared dimensions of the signature and are repeated in
   ``assets.extra/muse_tf_signature.json``;
 * the vocabulary files as SavedModel assets (raw id -> row lookups are in the graph);
-* ``assets.extra/tf_serving_warmup_requests``: representative ``PredictionLog`` records
-  (requests built from test-split examples) that TF Serving replays when it loads the model.
+* ``assets.extra/tf_serving_warmup_requests``: representative ``PredictionLog`` records that
+  TF Serving replays when it loads the model, built by :mod:`muse_tf.export.requests` from
+  test-split examples (the builder every client of the export uses).
+
+TF Serving serves the base path ``DIR/export/ranker`` as ``muse_ranking``
+(:data:`~muse_tf.export.names.RANKING_MODEL_NAME`).
 
 Only stock TensorFlow ops are used (no ScaNN, no custom ops), so TF Serving's GPU image loads it.
 """
@@ -29,6 +34,7 @@ from muse_tf import config as config_lib
 from muse_tf import schema
 from muse_tf.data import reader
 from muse_tf.data.data_dir import DataDir
+from muse_tf.export import names, requests
 from muse_tf.export.publish import (
     SIGNATURE_NAME,
     describe,
@@ -36,41 +42,23 @@ from muse_tf.export.publish import (
     spec_info,
     version_dirs,
 )
+from muse_tf.export.signatures import SCORES, ranking_input_signature
 from muse_tf.export.warmup import WARMUP_FILE, write_warmup
 from muse_tf.models.factory import build_ranking_model
 from muse_tf.training import runs
 
-EXPORT_SUBDIR = os.path.join("export", "ranker")
-NUM_CANDIDATES = schema.NUM_CANDIDATES
-SCORES = "scores"
+#: ``export/ranker``: where a run's ranking versions go, relative to its model directory.
+EXPORT_SUBDIR = names.RANKING_EXPORT_SUBDIR
 DEFAULT_MAX_CANDIDATES = 100
-#: The model name in serving/models.config (TF Serving serves EXPORT_SUBDIR under it).
-SERVED_MODEL_NAME = "muse_ranking"
-#: dtype of ``hist_len`` and ``num_candidates`` (the reader's ``hist_len`` dtype).
-LENGTH_DTYPE = tf.dtypes.as_dtype(schema.LENGTH_DTYPE)
+#: The name TF Serving serves EXPORT_SUBDIR under (serving/models.config).
+SERVED_MODEL_NAME = names.RANKING_MODEL_NAME
+#: Candidates per warm-up request (at most the export's max_candidates).
+WARMUP_CANDIDATES = 16
+_LENGTH_DTYPE = tf.dtypes.as_dtype(schema.LENGTH_DTYPE)
 
-__all__ = ["SIGNATURE_NAME", "WARMUP_FILE", "describe", "export_ranking_model",
-           "ranking_input_signature", "requests_from_examples", "restore_ranking_model",
-           "warmup_batch"]
-
-
-def ranking_input_signature(max_seq_len: int,
-                            max_candidates: int) -> dict[str, tf.TensorSpec]:
-    """The serving signature's inputs, derived from :mod:`muse_tf.schema`."""
-    specs: dict[str, tf.TensorSpec] = {}
-    for feature in schema.USER_SIDE_FEATURES:
-        specs[feature.name] = tf.TensorSpec([None], tf.dtypes.as_dtype(feature.dtype),
-                                            name=feature.name)
-    for feature in schema.SEQUENCE_FEATURES:
-        specs[feature.name] = tf.TensorSpec([None, max_seq_len],
-                                            tf.dtypes.as_dtype(feature.dtype), name=feature.name)
-    specs[schema.HISTORY_LENGTH] = tf.TensorSpec([None], LENGTH_DTYPE,
-                                                 name=schema.HISTORY_LENGTH)
-    for feature in schema.ITEM_SIDE_FEATURES:
-        specs[feature.name] = tf.TensorSpec([None, max_candidates],
-                                            tf.dtypes.as_dtype(feature.dtype), name=feature.name)
-    specs[NUM_CANDIDATES] = tf.TensorSpec([None], LENGTH_DTYPE, name=NUM_CANDIDATES)
-    return specs
+__all__ = ["DEFAULT_MAX_CANDIDATES", "EXPORT_SUBDIR", "SCORES", "SERVED_MODEL_NAME",
+           "SIGNATURE_NAME", "WARMUP_FILE", "describe", "export_ranking_model",
+           "ranking_input_signature", "restore_ranking_model", "warmup_batch"]
 
 
 class RankingServingModule(tf.Module):
@@ -85,45 +73,12 @@ class RankingServingModule(tf.Module):
         self.serve = tf.function(self._serve, input_signature=[specs])
 
     def _serve(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        user = {name: inputs[name] for name in
-                [f.name for f in (*schema.USER_SIDE_FEATURES, *schema.SEQUENCE_FEATURES)]
-                + [schema.HISTORY_LENGTH]}
+        user = {name: inputs[name] for name in schema.QUERY_FEATURES}
         candidates = {f.name: inputs[f.name] for f in schema.ITEM_SIDE_FEATURES}
         scores = self.model.score_candidates(user, candidates, training=False)
-        slots = tf.range(self.max_candidates, dtype=LENGTH_DTYPE)[tf.newaxis, :]
-        present = slots < inputs[NUM_CANDIDATES][:, tf.newaxis]
+        slots = tf.range(self.max_candidates, dtype=_LENGTH_DTYPE)[tf.newaxis, :]
+        present = slots < inputs[schema.NUM_CANDIDATES][:, tf.newaxis]
         return {SCORES: tf.where(present, scores, tf.zeros_like(scores))}
-
-
-def requests_from_examples(batch: dict[str, np.ndarray], max_seq_len: int,
-                           max_candidates: int, num_requests: int,
-                           candidates_per_request: int) -> list[dict[str, np.ndarray]]:
-    """Serving inputs (one user per request) built from reader examples.
-
-    Request ``r`` takes user row ``r`` and as candidates the targets of
-    ``candidates_per_request`` consecutive examples, right-padded to ``max_candidates``.
-    """
-    size = len(batch[schema.ITEM_ID.name])
-    if size == 0:
-        return []
-    count = min(candidates_per_request, max_candidates)
-    out = []
-    for r in range(min(num_requests, size)):
-        request: dict[str, np.ndarray] = {}
-        for feature in schema.USER_SIDE_FEATURES:
-            request[feature.name] = np.asarray(batch[feature.name][r:r + 1], np.int64)
-        for feature in schema.SEQUENCE_FEATURES:
-            values = np.asarray(batch[feature.name][r:r + 1, :max_seq_len], np.int64)
-            request[feature.name] = np.pad(values, [[0, 0], [0, max_seq_len - values.shape[1]]])
-        request[schema.HISTORY_LENGTH] = np.minimum(
-            np.asarray(batch[schema.HISTORY_LENGTH][r:r + 1], np.int32), max_seq_len)
-        rows = (r + np.arange(count)) % size
-        for feature in schema.ITEM_SIDE_FEATURES:
-            values = np.asarray(batch[feature.name][rows], np.int64)[np.newaxis, :]
-            request[feature.name] = np.pad(values, [[0, 0], [0, max_candidates - count]])
-        request[NUM_CANDIDATES] = np.array([count], np.int32)
-        out.append(request)
-    return out
 
 
 def export_ranking_model(model: tf.keras.Model, config: config_lib.ExperimentConfig,
@@ -138,8 +93,7 @@ def export_ranking_model(model: tf.keras.Model, config: config_lib.ExperimentCon
     ``data`` (default: the config's data directory) gives the default ``max_seq_len`` and the
     test examples the warm-up requests are built from.
     """
-    base = os.path.join(model_dir, EXPORT_SUBDIR)
-    tmp_dir, export_dir = version_dirs(base, version)
+    tmp_dir, export_dir = version_dirs(names.ranking_base_path(model_dir), version)
     if not max_seq_len or warmup_examples is None:
         data = DataDir.open(data or config.data.data_dir)
         max_seq_len = max_seq_len or runs.max_seq_len_of(config, data)
@@ -147,10 +101,10 @@ def export_ranking_model(model: tf.keras.Model, config: config_lib.ExperimentCon
     tf.saved_model.save(module, tmp_dir, signatures={SIGNATURE_NAME: module.serve})
     if warmup_examples is None:
         warmup_examples = warmup_batch(data, max_seq_len)
-    requests = requests_from_examples(warmup_examples, max_seq_len, max_candidates,
-                                      num_warmup_requests,
-                                      candidates_per_request=min(max_candidates, 16))
-    write_warmup(tmp_dir, requests, model_name=SERVED_MODEL_NAME)
+    warmup = requests.ranking_requests_from_examples(
+        warmup_examples, max_seq_len=max_seq_len, max_candidates=max_candidates,
+        num_requests=num_warmup_requests, candidates_per_request=WARMUP_CANDIDATES)
+    write_warmup(tmp_dir, warmup, model_name=SERVED_MODEL_NAME)
     specs = ranking_input_signature(max_seq_len, max_candidates)
     info = {"signature": SIGNATURE_NAME, "model_name": SERVED_MODEL_NAME,
             "max_seq_len": max_seq_len, "max_candidates": max_candidates,

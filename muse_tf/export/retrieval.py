@@ -1,7 +1,8 @@
 """SavedModel exports of the retrieval indexes, for TF Serving and the local server.
 
-Every export is a versioned directory ``EXPORT_ROOT/<model name>/<version>/`` with one
-``serving_default`` signature::
+Every export is a versioned directory ``EXPORT_ROOT/<model name>/<version>/`` (a training run
+writes ``<model dir>/export/<model name>/<version>/``, :mod:`muse_tf.export.names`) with one
+``serving_default`` signature (:func:`~muse_tf.export.signatures.retrieval_input_signature`)::
 
     inputs   user_id, user_attr_1 .. user_attr_5   int64 [B]
              hist_item_id, hist_category           int64 [B, L]  right-padded, oldest first
@@ -10,8 +11,9 @@ Every export is a versioned directory ``EXPORT_ROOT/<model name>/<version>/`` wi
              scores                                float32 [B, k]
 
 (raw ids, as in production logs; ``user_id`` is accepted so a client sends the same user
-block as to the ranking model, but no retrieval model reads it), warm-up requests in
-``assets.extra/tf_serving_warmup_requests`` and the signature described in
+block as to the ranking model, but no retrieval model reads it), warm-up requests (built by
+:mod:`muse_tf.export.requests`) in ``assets.extra/tf_serving_warmup_requests`` and the
+signature described in
 ``assets.extra/muse_tf_signature.json`` (as the ranking export, :mod:`muse_tf.export.ranking`).
 
 * ``miss_retrieval``: the MISS tree beam search (:class:`MissTreeIndex`) — stock ops only;
@@ -34,10 +36,10 @@ import numpy as np
 import tensorflow as tf
 
 from muse_tf import schema
-from muse_tf.export.publish import SIGNATURE_NAME, publish_export, version_dirs
+from muse_tf.export import names, requests
+from muse_tf.export.publish import SIGNATURE_NAME, publish_export, spec_info, version_dirs
+from muse_tf.export.signatures import ITEM_IDS, SCORES, retrieval_input_signature
 from muse_tf.export.warmup import write_warmup
-
-QUERY_FEATURES = schema.QUERY_FEATURES
 
 __all__ = [
     "BRUTE_FORCE_MODEL_NAME",
@@ -51,27 +53,15 @@ __all__ = [
     "warmup_requests",
 ]
 
-EXPORT_DIR = "export"
-MISS_MODEL_NAME = "miss_retrieval"
-BRUTE_FORCE_MODEL_NAME = "two_tower_brute_force"
-SCANN_MODEL_NAME = "two_tower_scann"
-OUTPUT_IDS = "item_ids"
-OUTPUT_SCORES = "scores"
-
-
-def serving_signature(max_seq_len: int) -> dict[str, tf.TensorSpec]:
-    """Input ``TensorSpec`` of the retrieval signature (module docstring)."""
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
-        raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
-    specs = {}
-    for name in QUERY_FEATURES:
-        if name == schema.HISTORY_LENGTH:
-            specs[name] = tf.TensorSpec([None], tf.int32, name=name)
-        elif name in (schema.HISTORY_ITEM_ID.name, schema.HISTORY_CATEGORY.name):
-            specs[name] = tf.TensorSpec([None, max_seq_len], tf.int64, name=name)
-        else:
-            specs[name] = tf.TensorSpec([None], tf.int64, name=name)
-    return specs
+EXPORT_DIR = names.EXPORT_DIR
+MISS_MODEL_NAME = names.MISS_MODEL_NAME
+BRUTE_FORCE_MODEL_NAME = names.BRUTE_FORCE_MODEL_NAME
+SCANN_MODEL_NAME = names.SCANN_MODEL_NAME
+#: The retrieval signature's input specs
+#: (:func:`muse_tf.export.signatures.retrieval_input_signature`).
+serving_signature = retrieval_input_signature
+#: A random valid query (:func:`muse_tf.export.requests.random_retrieval_query`).
+example_request = requests.random_retrieval_query
 
 
 class RetrievalServingModule(tf.Module):
@@ -88,24 +78,7 @@ class RetrievalServingModule(tf.Module):
 
     def _serve(self, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         scores, ids = self.index(features, k=self.k)
-        return {OUTPUT_IDS: tf.cast(ids, tf.int64), OUTPUT_SCORES: tf.cast(scores, tf.float32)}
-
-
-def example_request(max_seq_len: int, batch_size: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """A valid request (random raw ids, histories of random length) for warm-up and tests."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    lengths = rng.integers(0, max_seq_len + 1, batch_size).astype(np.int32)
-    positions = np.arange(max_seq_len)[None, :]
-    for name, spec in serving_signature(max_seq_len).items():
-        if name == schema.HISTORY_LENGTH:
-            out[name] = lengths
-        elif spec.shape.rank == 2:
-            values = rng.integers(1, 2**62, (batch_size, max_seq_len), dtype=np.int64)
-            out[name] = np.where(positions < lengths[:, None], values, 0)
-        else:
-            out[name] = rng.integers(1, 2**62, batch_size, dtype=np.int64)
-    return out
+        return {ITEM_IDS: tf.cast(ids, tf.int64), SCORES: tf.cast(scores, tf.float32)}
 
 
 def _without_keras_traces() -> contextlib.AbstractContextManager:
@@ -123,23 +96,12 @@ def _without_keras_traces() -> contextlib.AbstractContextManager:
 
 def warmup_requests(features: Mapping[str, np.ndarray] | None, max_seq_len: int,
                     num_requests: int = 8) -> list[dict[str, np.ndarray]]:
-    """One-user requests for the warm-up file: rows of ``features`` (reader-style query
-    features, e.g. test examples) or, without them, one :func:`example_request`."""
-    if features is None or len(features[schema.HISTORY_LENGTH]) == 0:
-        return [example_request(max_seq_len)]
-    specs = serving_signature(max_seq_len)
-    requests = []
-    for r in range(min(num_requests, len(features[schema.HISTORY_LENGTH]))):
-        request = {}
-        for name, spec in specs.items():
-            value = np.asarray(features[name][r:r + 1], spec.dtype.as_numpy_dtype)
-            if spec.shape.rank == 2:
-                value = value[:, :max_seq_len]
-                value = np.pad(value, [[0, 0], [0, max_seq_len - value.shape[1]]])
-            request[name] = value
-        request[schema.HISTORY_LENGTH] = np.minimum(request[schema.HISTORY_LENGTH], max_seq_len)
-        requests.append(request)
-    return requests
+    """One-user queries for the warm-up file: rows of ``features`` (reader-style query
+    features, e.g. test examples) or, without them, one random query."""
+    if features is not None and len(features[schema.HISTORY_LENGTH]):
+        return requests.retrieval_queries_from_examples(features, max_seq_len=max_seq_len,
+                                                        num_requests=num_requests)
+    return [requests.random_retrieval_query(max_seq_len)]
 
 
 def export_retrieval(index: Any, model_root: str, *, k: int, max_seq_len: int,
@@ -179,10 +141,9 @@ def export_retrieval(index: Any, model_root: str, *, k: int, max_seq_len: int,
     write_warmup(tmp_dir, warmup_requests(warmup_features, max_seq_len), model_name=model_name)
     info = {"signature": SIGNATURE_NAME, "model_name": model_name, "max_seq_len": max_seq_len,
             "k": int(k), "needs_scann_ops": bool(scann),
-            "inputs": {name: {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
-                       for name, spec in serving_signature(max_seq_len).items()},
-            "outputs": {OUTPUT_IDS: {"dtype": "int64", "shape": [None, int(k)]},
-                        OUTPUT_SCORES: {"dtype": "float32", "shape": [None, int(k)]}},
+            "inputs": spec_info(serving_signature(max_seq_len)),
+            "outputs": {ITEM_IDS: {"dtype": "int64", "shape": [None, int(k)]},
+                        SCORES: {"dtype": "float32", "shape": [None, int(k)]}},
             "padding": "right-padded histories; item id 0 with score -inf where fewer than k "
                        "items were found"}
     return publish_export(tmp_dir, version_dir, info)

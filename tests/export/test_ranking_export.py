@@ -14,6 +14,7 @@ import muse_tf  # noqa: F401
 from muse_tf import config as config_lib
 from muse_tf import schema
 from muse_tf.data.data_dir import DataDir
+from muse_tf.export import names, requests
 from muse_tf.export import ranking as export
 from muse_tf.export.__main__ import main as export_main
 from muse_tf.training.ranking import run_ranking as run_experiment
@@ -35,21 +36,29 @@ def trained(tiny_data_dir, tmp_path_factory):
 
 def _requests(config, max_seq_len):
     examples = export.warmup_batch(DataDir.open(config.data.data_dir), max_seq_len)
-    return export.requests_from_examples(examples, max_seq_len, MAX_CANDIDATES, 4, 4)
+    return requests.ranking_requests_from_examples(
+        examples, max_seq_len=max_seq_len, max_candidates=MAX_CANDIDATES, num_requests=4,
+        candidates_per_request=4)
 
 
 def test_signature_inputs_follow_the_schema(trained):
-    _, _, _, path = trained
+    _, _, model_dir, path = trained
     fn = tf.saved_model.load(path).signatures[export.SIGNATURE_NAME]
     specs = fn.structured_input_signature[1]
     expected = {f.name for f in schema.INPUT_FEATURES} | {schema.HISTORY_LENGTH,
-                                                          export.NUM_CANDIDATES}
+                                                          schema.NUM_CANDIDATES}
     assert set(specs) == expected
     info = export.describe(path)
     seq_len = info["max_seq_len"]
     assert specs[schema.HISTORY_ITEM_ID.name].shape.as_list() == [None, seq_len]
     assert specs[schema.ITEM_ID.name].shape.as_list() == [None, MAX_CANDIDATES]
     assert specs[schema.USER_ID.name].dtype == tf.int64
+    assert specs[schema.HISTORY_LENGTH].dtype == tf.int32
+    assert specs[schema.NUM_CANDIDATES].dtype == tf.int32
+    assert info["inputs"] == {name: {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
+                              for name, spec in specs.items()}
+    assert info["model_name"] == names.RANKING_MODEL_NAME
+    assert path.startswith(names.ranking_base_path(model_dir))
     assert fn.structured_outputs[export.SCORES].shape.as_list() == [None, MAX_CANDIDATES]
     assert os.path.exists(os.path.join(path, "assets", "item.tsv"))
 
@@ -62,7 +71,7 @@ def test_saved_model_matches_keras_and_zeroes_padded_candidates(trained):
     assert requests
     for request in requests:
         served = fn(**{k: tf.constant(v) for k, v in request.items()})[export.SCORES].numpy()
-        count = int(request[export.NUM_CANDIDATES][0])
+        count = int(request[schema.NUM_CANDIDATES][0])
         user = {k: tf.constant(v) for k, v in request.items()
                 if k not in {f.name for f in schema.ITEM_SIDE_FEATURES}}
         candidates = {f.name: tf.constant(request[f.name]) for f in schema.ITEM_SIDE_FEATURES}
@@ -97,7 +106,7 @@ def test_fresh_process_loads_without_scann_or_muse_tf(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["modules"] == []
-    count = int(request[export.NUM_CANDIDATES][0])
+    count = int(request[schema.NUM_CANDIDATES][0])
     np.testing.assert_allclose(np.array(result["scores"])[:, :count], expected[:, :count],
                                atol=1e-5)
 
@@ -122,16 +131,28 @@ def test_only_stock_ops_in_the_graph(trained):
 def test_warmup_requests_are_prediction_logs_the_model_accepts(trained):
     from tensorflow_serving.apis import prediction_log_pb2
 
-    _, _, _, path = trained
+    _, config, _, path = trained
     fn = tf.saved_model.load(path).signatures[export.SIGNATURE_NAME]
     warmup = os.path.join(path, "assets.extra", export.WARMUP_FILE)
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
             for r in tf.data.TFRecordDataset(warmup)]
-    assert logs
-    for log in logs:
+    assert len(logs) == 8  # num_warmup_requests (the tiny test split has 16 examples)
+    info = export.describe(path)
+    # The warm-up requests are the builder's, from the first test examples.
+    expected = requests.ranking_requests_from_examples(
+        export.warmup_batch(DataDir.open(config.data.data_dir), info["max_seq_len"]),
+        max_seq_len=info["max_seq_len"], max_candidates=MAX_CANDIDATES, num_requests=8,
+        candidates_per_request=export.WARMUP_CANDIDATES)
+    for log, want in zip(logs, expected, strict=True):
         request = log.predict_log.request
         assert request.model_spec.signature_name == export.SIGNATURE_NAME
+        assert request.model_spec.name == names.RANKING_MODEL_NAME
         inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        assert sorted(inputs) == sorted(want)
+        for name, value in want.items():
+            assert inputs[name].dtype == value.dtype, name
+            np.testing.assert_array_equal(inputs[name], value)
+        assert int(inputs[schema.NUM_CANDIDATES][0]) == MAX_CANDIDATES  # min(16, C)
         scores = fn(**{k: tf.constant(v) for k, v in inputs.items()})[export.SCORES].numpy()
         assert np.all((scores >= 0) & (scores <= 1))
 

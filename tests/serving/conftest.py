@@ -1,4 +1,5 @@
-"""Fixtures of the serving tests: toy SavedModels (saved once) and an in-process server."""
+"""Fixtures of the serving tests: toy SavedModels (saved once), an in-process server, and the
+exports serving/README.md's training commands write (tiny data, trained once)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import muse_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from serving import client as client_lib
 from serving import server as server_lib
 
+from . import readme
 from .toy_models import copy_versions, save_toy_ranker
 
 #: Version -> scale of the toy ranker saved for that version.
@@ -43,3 +45,23 @@ def served(toy_versions: dict[int, str], tmp_path_factory: pytest.TempPathFactor
 def client(served: server_lib.ServerHandle) -> Iterator[client_lib.PredictionClient]:
     with client_lib.PredictionClient(served.address, timeout=20) as connection:
         yield connection
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tiny_data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A directory standing for the repository root, after serving/README.md's training
+    commands (``python -m muse_tf.train --experiment muse|miss_retrieval --data "$DATA"``, run
+    in it on the tiny data with :data:`readme.TINY_TRAINING` sizes): it holds
+    ``runs/muse/export/ranker/1/`` and ``runs/miss_retrieval/export/miss_retrieval/1/``.
+    Shared: add versions only if every user of it copes."""
+    from muse_tf import train
+
+    root = str(tmp_path_factory.mktemp("repository"))
+    commands = readme.parse().commands_of("muse_tf.train")
+    assert len(commands) == 2, commands
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # the commands write runs/<experiment> under the working directory
+        for command in commands:
+            args = readme.argv(command, {"DATA": tiny_data_dir})
+            assert train.main([*args, *(f"--set={s}" for s in readme.TINY_TRAINING)]) == 0
+    return root

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 
 import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from muse_tf import schema
 from muse_tf.data.records import encode_sequence_example
+from muse_tf.export import requests
+from muse_tf.export import signatures as export_signatures
 from serving import client as client_lib
 from serving import server as server_lib
 from serving import signatures
@@ -197,3 +201,113 @@ def test_command_line_reports_server_errors(served, tmp_path, capsys):
                             "--features", str(path)])
     assert code == 1
     assert grpc.StatusCode.NOT_FOUND.name in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Full requests for the muse_tf signatures (no server: their SignatureDefs built here).
+# ---------------------------------------------------------------------------------------------
+
+L, C = 4, 3
+
+
+def _signature_def(specs: dict[str, tf.TensorSpec]) -> meta_graph_pb2.SignatureDef:
+    signature = meta_graph_pb2.SignatureDef()
+    for name, spec in specs.items():
+        info = signature.inputs[name]
+        info.name, info.dtype = f"serving_default_{name}:0", spec.dtype.as_datatype_enum
+        for size in spec.shape.as_list():
+            info.tensor_shape.dim.add(size=-1 if size is None else size)
+    return signature
+
+
+RANKING_DEF = _signature_def(export_signatures.ranking_input_signature(L, C))
+RETRIEVAL_DEF = _signature_def(export_signatures.retrieval_input_signature(L))
+
+
+def _test_shard(tiny_data) -> str:
+    (path,) = tf.io.gfile.glob(os.path.join(tiny_data.path, "test", "part-*.tfrecord.gz"))
+    return path
+
+
+def _newest(values: list[int]) -> list[int]:
+    tail = values[-L:]
+    return tail + [0] * (L - len(tail))
+
+
+def test_a_beam_record_becomes_a_full_ranking_request(tiny_data):
+    path = _test_shard(tiny_data)
+    records = tiny_data.records["test"]
+    for index, count in [(3, None), (3, 3), (14, 2)]:
+        inputs = client_lib.inputs_from_tfrecord(path, index, RANKING_DEF, count)
+        assert sorted(inputs) == sorted(RANKING_DEF.inputs)
+        context, sequences = records[index]
+        for feature in schema.USER_SIDE_FEATURES:
+            assert inputs[feature.name].tolist() == [context[feature.name]]
+        assert inputs[HIST].tolist() == [_newest(sequences[HIST])]
+        assert inputs[schema.HISTORY_CATEGORY.name].tolist() == [
+            _newest(sequences[schema.HISTORY_CATEGORY.name])]
+        assert inputs[HIST_LENGTH].tolist() == [min(len(sequences[HIST]), L)]
+        assert inputs[HIST_LENGTH].dtype == np.int32
+        n = count or 1  # default: the record's own target is the one candidate
+        for feature in schema.ITEM_SIDE_FEATURES:
+            targets = [records[index + j][0][feature.name] for j in range(n)]
+            assert inputs[feature.name].tolist() == [targets + [0] * (C - n)]
+        assert inputs[schema.NUM_CANDIDATES].tolist() == [n]
+        assert inputs[schema.NUM_CANDIDATES].dtype == np.int32
+    with pytest.raises(signatures.InputError, match=f"1 .. {C} candidates .*'item_id'"):
+        client_lib.inputs_from_tfrecord(path, 3, RANKING_DEF, C + 1)
+    with pytest.raises(IndexError, match="fewer than 17 records"):
+        client_lib.inputs_from_tfrecord(path, 15, RANKING_DEF, 2)
+
+
+def test_a_beam_record_becomes_a_retrieval_query(tiny_data):
+    path = _test_shard(tiny_data)
+    inputs = client_lib.inputs_from_tfrecord(path, 5, RETRIEVAL_DEF)
+    context, sequences = tiny_data.records["test"][5]
+    assert sorted(inputs) == sorted(schema.QUERY_FEATURES)
+    assert inputs[schema.USER_ID.name].tolist() == [context[schema.USER_ID.name]]
+    assert inputs[HIST].tolist() == [_newest(sequences[HIST])]
+    with pytest.raises(ValueError, match="num_candidates needs a muse_tf ranking signature"):
+        client_lib.inputs_from_tfrecord(path, 5, RETRIEVAL_DEF, 2)
+
+
+def test_records_are_counted_across_the_files_a_glob_matches(tiny_data, signature_def):
+    pattern = os.path.join(tiny_data.path, "train", "part-*.tfrecord.gz")
+    records = tiny_data.records["train"]
+    assert tiny_data.shards["train"] == 3
+    for index in (0, 20, len(records) - 1):  # 20 is in the second shard
+        inputs = client_lib.inputs_from_tfrecord(pattern, index, RANKING_DEF)
+        assert inputs[ITEM].tolist() == [[records[index][0][ITEM], 0, 0]]
+    raw = client_lib.read_records(pattern, 20, 2)
+    assert [client_lib.features_from_record(r)[ITEM].tolist() for r in raw] == [
+        [records[20][0][ITEM]], [records[21][0][ITEM]]]
+    with pytest.raises(FileNotFoundError, match="no TFRecord file matches"):
+        client_lib.read_records(os.path.join(tiny_data.path, "nope-*.gz"), 0)
+    # Any other signature (the toy's) takes the record's features by name, as before.
+    toy = client_lib.inputs_from_tfrecord(pattern, 20, signature_def)
+    assert sorted(toy) == sorted([HIST, HIST_LENGTH, ITEM])
+    with pytest.raises(ValueError, match="num_candidates needs a muse_tf ranking signature"):
+        client_lib.inputs_from_tfrecord(pattern, 20, signature_def, 2)
+
+
+def test_json_inputs_raw_requests_and_input_dicts(signature_def):
+    raw = {"user": {"user_id": 7}, "history_items": [1, 2, 3, 4, 5],
+           "history_categories": [6, 7, 8, 9, 10], "candidates": [{"item_id": 11}]}
+    built = client_lib.inputs_from_json(raw, RANKING_DEF)
+    expected = requests.ranking_request(raw["user"], raw["history_items"],
+                                        raw["history_categories"], raw["candidates"],
+                                        max_seq_len=L, max_candidates=C)
+    assert built.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(built[name], value)
+    assert built[HIST].tolist() == [[2, 3, 4, 5]]
+    query = {k: v for k, v in raw.items() if k != "candidates"}
+    assert client_lib.inputs_from_json(query, RETRIEVAL_DEF)[HIST_LENGTH].tolist() == [L]
+    aliases = {HIST: [[1]], HIST_LENGTH: [1], ITEM: [[2]]}
+    assert client_lib.inputs_from_json(aliases, signature_def) is aliases
+    with pytest.raises(signatures.InputError, match="needs a muse_tf ranking or retrieval"):
+        client_lib.inputs_from_json(raw, signature_def)
+    with pytest.raises(ValueError, match="got list"):
+        client_lib.inputs_from_json([1, 2], RANKING_DEF)
+    with pytest.raises(ValueError, match="'item_id' holds 4 candidates"):
+        client_lib.inputs_from_json({**raw, "candidates": [{"item_id": 1}] * 4}, RANKING_DEF)

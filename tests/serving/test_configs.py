@@ -14,6 +14,10 @@ from google.protobuf import (
     wrappers_pb2,
 )
 
+from muse_tf.export import names
+from muse_tf.train import DEFAULT_RUNS_DIR
+from serving import client as client_lib
+from serving import grpc_options
 from serving import server as server_lib
 
 SERVING_DIR = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "serving")
@@ -51,10 +55,36 @@ def _batching_parameters_class():
 def test_models_config():
     config = server_lib.load_model_config(os.path.join(SERVING_DIR, "models.config"))
     (entry,) = config.model_config_list.config
-    assert entry.name == "muse_ranking"
-    assert entry.base_path == "/models/muse_ranking"
+    assert entry.name == names.RANKING_MODEL_NAME
+    assert entry.base_path == f"/models/{names.RANKING_MODEL_NAME}"
     assert entry.model_platform == "tensorflow"
     assert entry.model_version_policy.latest.num_versions == 1
+
+
+def test_pipeline_models_config_serves_what_training_writes():
+    config = server_lib.load_model_config(os.path.join(SERVING_DIR, "models.pipeline.config"))
+    entries = {entry.name: entry for entry in config.model_config_list.config}
+    # python -m muse_tf.train --experiment NAME writes runs/NAME/export/...
+    assert {name: entry.base_path for name, entry in entries.items()} == {
+        names.MISS_MODEL_NAME: names.retrieval_base_path(
+            os.path.join(DEFAULT_RUNS_DIR, "miss_retrieval"), names.MISS_MODEL_NAME),
+        names.RANKING_MODEL_NAME: names.ranking_base_path(os.path.join(DEFAULT_RUNS_DIR,
+                                                                       "muse")),
+    }
+    for entry in entries.values():
+        assert entry.model_platform == "tensorflow"
+        assert entry.model_version_policy.latest.num_versions == 1
+
+
+def test_server_and_client_share_one_message_limit():
+    assert grpc_options.MAX_MESSAGE_BYTES == 512 * 1024 * 1024
+    assert server_lib.ServerOptions().max_message_bytes == grpc_options.MAX_MESSAGE_BYTES
+    assert client_lib.MAX_MESSAGE_BYTES is grpc_options.MAX_MESSAGE_BYTES
+    assert dict(client_lib.channel_options()) == {
+        "grpc.max_send_message_length": grpc_options.MAX_MESSAGE_BYTES,
+        "grpc.max_receive_message_length": grpc_options.MAX_MESSAGE_BYTES}
+    assert server_lib.parse_args(["--model_name", "m", "--model_base_path", "b"]
+                                 ).max_message_mb * 1024 * 1024 == grpc_options.MAX_MESSAGE_BYTES
 
 
 def test_batching_parameters():
@@ -77,7 +107,7 @@ def test_docker_compose_runs_the_pinned_gpu_image_on_localhost():
     assert mounts[flags["model_config_file"]] == "./models.config"
     assert mounts[flags["batching_parameters_file"]] == "./batching_parameters.txt"
     assert flags["enable_batching"] == "true"
-    assert "/models/muse_ranking" in mounts
+    assert f"/models/{names.RANKING_MODEL_NAME}" in mounts
     (device,) = service["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"]
 

@@ -7,39 +7,38 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.config import model_server_config_pb2
 
-from muse_tf import config as config_lib
 from muse_tf import schema
-from muse_tf.export import ranking as export
-from muse_tf.export import retrieval as retrieval_export
-from muse_tf.training.experiment import run_experiment
-from serving import pipeline, ranking
+from muse_tf.export import names, requests
+from muse_tf.export.publish import SIGNATURE_NAME
+from serving import pipeline
 from serving.client import PredictionClient
 from serving.server import serve
 
-TINY = ["data.batch_size=8", "model.top_k=4", "model.id_embedding_dim=4",
-        "model.tower_units=[16]", "model.short_term_len=4", "train.epochs=1", "train.verbose=0",
-        "model.num_tiers=4", "model.head_dim=4", "retrieval.top_n=8", "retrieval.beam_width=4"]
-
 
 @pytest.fixture(scope="module")
-def served(tiny_data, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("pipeline"))
-    retrieval_dir, ranking_dir = os.path.join(root, "miss"), os.path.join(root, "muse")
-    run_experiment(config_lib.resolve("miss_retrieval", assignments=TINY),
-                                   retrieval_dir, tiny_data.path)
-    run_experiment(config_lib.resolve("muse", assignments=TINY), ranking_dir, tiny_data.path)
-    config = model_server_config_pb2.ModelServerConfig()
+def served(trained_runs):
+    runs = os.path.join(trained_runs, "runs")
     bases = {
-        pipeline.RETRIEVAL_MODEL: os.path.join(retrieval_dir, retrieval_export.EXPORT_DIR,
-                                               retrieval_export.MISS_MODEL_NAME),
-        ranking.MODEL_NAME: os.path.join(ranking_dir, export.EXPORT_SUBDIR),
+        names.MISS_MODEL_NAME: names.retrieval_base_path(os.path.join(runs, "miss_retrieval"),
+                                                         names.MISS_MODEL_NAME),
+        names.RANKING_MODEL_NAME: names.ranking_base_path(os.path.join(runs, "muse")),
     }
+    config = model_server_config_pb2.ModelServerConfig()
     for name, base in bases.items():
         entry = config.model_config_list.config.add()
         entry.name, entry.base_path, entry.model_platform = name, base, "tensorflow"
     handle = serve(config, port=0)
     yield handle, bases
     handle.stop()
+
+
+def _latest_signature(base):
+    version = max((v for v in os.listdir(base) if v.isdigit()), key=int)
+    return tf.saved_model.load(os.path.join(base, version)).signatures[SIGNATURE_NAME]
+
+
+def _static_size(fn, name):
+    return fn.structured_input_signature[1][name].shape[1]
 
 
 @pytest.mark.slow
@@ -61,39 +60,34 @@ def test_retrieve_then_rank_matches_the_two_savedmodels(served, tiny_data):
     assert [r.ranking_score for r in ranked] == sorted((r.ranking_score for r in ranked),
                                                         reverse=True)
 
-    def latest(base):
-        return os.path.join(base, max(os.listdir(base), key=lambda v: int(v) if v.isdigit()
-                                      else -1))
-
     # The retrieved set is the retrieval SavedModel's own answer ...
-    retrieval = tf.saved_model.load(latest(bases[pipeline.RETRIEVAL_MODEL]))
-    fn = retrieval.signatures["serving_default"]
-    seq_len = fn.structured_input_signature[1][schema.HISTORY_ITEM_ID.name].shape[1]
-    request = ranking.ranking_inputs(user, items, categories, [{schema.ITEM_ID.name: 1}])
-    inputs = {}
-    for name, spec in fn.structured_input_signature[1].items():
-        value = request[name]
-        if spec.shape.rank == 2:
-            value = np.pad(value, [[0, 0], [0, seq_len - value.shape[1]]])
-        inputs[name] = tf.constant(value, spec.dtype)
-    expected_ids = fn(**inputs)["item_ids"].numpy()[0]
+    retrieval = _latest_signature(bases[names.MISS_MODEL_NAME])
+    query = requests.retrieval_query(
+        user, items, categories,
+        max_seq_len=_static_size(retrieval, schema.HISTORY_ITEM_ID.name))
+    expected_ids = retrieval(**{k: tf.constant(v) for k, v in query.items()})[
+        "item_ids"].numpy()[0]
     expected_ids = expected_ids[expected_ids != 0]
     assert sorted(r.item_id for r in ranked) == sorted(expected_ids.tolist())
     # ... and the ranking scores are the ranking SavedModel's.
-    ranker = tf.saved_model.load(latest(bases[ranking.MODEL_NAME]))
-    rfn = ranker.signatures["serving_default"]
-    specs = rfn.structured_input_signature[1]
+    ranker = _latest_signature(bases[names.RANKING_MODEL_NAME])
     candidates = [{schema.ITEM_ID.name: r.item_id, **catalogue.get(r.item_id, {})}
                   for r in ranked]
-    rin = ranking.ranking_inputs(user, items, categories, candidates)
-    padded = {}
-    for name, spec in specs.items():
-        value = rin[name]
-        if spec.shape.rank == 2:
-            value = np.pad(value, [[0, 0], [0, spec.shape[1] - value.shape[1]]])
-        padded[name] = tf.constant(value, spec.dtype)
-    scores = rfn(**padded)["scores"].numpy()[0, :len(candidates)]
-    np.testing.assert_allclose([r.ranking_score for r in ranked], scores, atol=1e-5)
+    request = requests.ranking_request(
+        user, items, categories, candidates,
+        max_seq_len=_static_size(ranker, schema.HISTORY_ITEM_ID.name),
+        max_candidates=_static_size(ranker, schema.ITEM_ID.name))
+    scores = ranker(**{k: tf.constant(v) for k, v in request.items()})["scores"].numpy()
+    np.testing.assert_allclose([r.ranking_score for r in ranked], scores[0, :len(candidates)],
+                               atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_model_of_the_wrong_kind_is_named(served, tiny_data):
+    handle, _ = served
+    with PredictionClient(handle.address) as client, pytest.raises(
+            ValueError, match="'muse_ranking' serves a ranking signature"):
+        pipeline.retrieve(client, {}, [], [], model=names.RANKING_MODEL_NAME)
 
 
 def test_item_catalogue_from_parquet(tmp_path):

@@ -1,5 +1,7 @@
 """Export a trained ranker -> local gRPC server -> client: the same scores as in process."""
 
+import os
+
 import grpc
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ from muse_tf import config as config_lib
 from muse_tf import schema
 from muse_tf.data.data_dir import DataDir
 from muse_tf.export import ranking as export
+from muse_tf.export import requests
+from muse_tf.export.names import RANKING_MODEL_NAME
 from muse_tf.training.ranking import run_ranking as run_experiment
 from serving import ranking
 from serving.client import PredictionClient, build_predict_request
@@ -25,9 +29,7 @@ def served(tiny_data_dir, tmp_path_factory):
     run_experiment(config, model_dir, tiny_data_dir)
     model, config = export.restore_ranking_model(model_dir)
     path = export.export_ranking_model(model, config, model_dir, max_candidates=6)
-    import os
-
-    handle = serve(model_name=ranking.MODEL_NAME, model_base_path=os.path.dirname(path),
+    handle = serve(model_name=RANKING_MODEL_NAME, model_base_path=os.path.dirname(path),
                    port=0)
     yield model, config, handle, export.describe(path)
     handle.stop()
@@ -69,31 +71,54 @@ def test_too_long_history_and_too_many_candidates_are_invalid_arguments(served):
     examples = export.warmup_batch(DataDir.open(config.data.data_dir), info["max_seq_len"])
     user, items, categories = _user(examples, 0)
     candidate = {f.name: int(examples[f.name][0]) for f in schema.ITEM_SIDE_FEATURES}
-    too_long = [7] * (info["max_seq_len"] + 1)
+    good = requests.ranking_request(user, items, categories, [candidate],
+                                    max_seq_len=info["max_seq_len"],
+                                    max_candidates=info["max_candidates"])
     with PredictionClient(handle.address) as client:
-        # The client refuses these itself; raw requests show what the server does.
-        inputs = ranking.ranking_inputs(user, too_long, too_long, [candidate])
+        # The builder and the client refuse these themselves; raw requests show what the
+        # server does.
+        too_long = {**good, **{f.name: np.full([1, info["max_seq_len"] + 1], 7, np.int64)
+                               for f in schema.SEQUENCE_FEATURES}}
         with pytest.raises(grpc.RpcError) as err:
-            client.predict_response(build_predict_request(ranking.MODEL_NAME, inputs))
+            client.predict_response(build_predict_request(RANKING_MODEL_NAME, too_long))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "hist_" in err.value.details() and str(info["max_seq_len"]) in err.value.details()
-        inputs = ranking.ranking_inputs(user, items, categories,
-                                        [candidate] * (info["max_candidates"] + 1))
+        too_many = {**good, **{f.name: np.ones([1, info["max_candidates"] + 1], np.int64)
+                               for f in schema.ITEM_SIDE_FEATURES}}
         with pytest.raises(grpc.RpcError) as err:
-            client.predict_response(build_predict_request(ranking.MODEL_NAME, inputs))
+            client.predict_response(build_predict_request(RANKING_MODEL_NAME, too_many))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "item" in err.value.details()
-        # ... and the server keeps serving.
+        wrong_dtype = {**good, schema.HISTORY_LENGTH: good[schema.HISTORY_LENGTH].astype(
+            np.int64)}
+        with pytest.raises(grpc.RpcError) as err:
+            client.predict_response(build_predict_request(RANKING_MODEL_NAME, wrong_dtype))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"'{schema.HISTORY_LENGTH}' has dtype int64" in err.value.details()
+        # rank() refuses too many candidates before sending, naming the field ...
+        with pytest.raises(ValueError, match=f"'item_id' holds {info['max_candidates'] + 1} "
+                                             "candidates"):
+            ranking.rank(client, user, items, categories,
+                         [candidate] * (info["max_candidates"] + 1))
+        # ... cuts a too-long history to its newest behaviours, and the server keeps serving.
         ok = ranking.rank(client, user, items, categories, [candidate])
         assert ok.shape == (1,) and 0.0 < float(ok[0]) < 1.0
+        longer = [7] * info["max_seq_len"] + list(items)
+        newest = ranking.rank(client, user, longer, [3] * info["max_seq_len"] + list(categories),
+                              [candidate])
+        tail = [7] * (info["max_seq_len"] - len(items)) + list(items)
+        expected = ranking.rank(client, user, tail,
+                                [3] * (info["max_seq_len"] - len(items)) + list(categories),
+                                [candidate])
+        np.testing.assert_allclose(newest, expected, rtol=1e-6)
 
 
-def test_ranking_inputs_validate():
-    with pytest.raises(ValueError, match="history_categories has 1"):
-        ranking.ranking_inputs({}, [1, 2], [3], [{"item_id": 1}])
-    with pytest.raises(ValueError, match="candidates is empty"):
-        ranking.ranking_inputs({}, [], [], [])
-    with pytest.raises(ValueError, match="candidate 1 has no 'item_id'"):
-        ranking.ranking_inputs({}, [], [], [{"item_id": 1}, {"item_category": 2}])
-    inputs = ranking.ranking_inputs({"user_id": 9}, [5], [6], [{"item_id": 1}])
-    assert inputs["user_attr_1"].tolist() == [0] and inputs["num_candidates"].tolist() == [1]
+@pytest.mark.slow
+def test_served_signature_is_what_the_builder_targets(served):
+    _, _, handle, info = served
+    with PredictionClient(handle.address) as client:
+        layout = client.request_layout(RANKING_MODEL_NAME)
+    assert layout == requests.RequestLayout(requests.RANKING, info["max_seq_len"],
+                                            info["max_candidates"])
+    assert info["inputs"][schema.HISTORY_LENGTH]["dtype"] == schema.LENGTH_DTYPE
+    assert info["inputs"][schema.NUM_CANDIDATES]["dtype"] == schema.LENGTH_DTYPE
