@@ -79,3 +79,21 @@ def test_retrieval_task_is_refused_by_the_ranking_runner(tiny_data_dir, tmp_path
     config = config_lib.get_experiment("miss_retrieval")
     with pytest.raises(ValueError, match="not a ranking task"):
         run_ranking(config, str(tmp_path), tiny_data_dir)
+
+
+def test_a_longer_max_seq_len_than_the_data_warns(tiny_data_dir, tmp_path):
+    """configs/long_history.yaml on 1,000-long data pads every history: say so."""
+    config = config_lib.resolve("din", assignments=[*SHRINK, "data.max_seq_len=30"])
+    with pytest.warns(UserWarning, match=r"data.max_seq_len=30 is longer than the histories"):
+        result = run_ranking(config, str(tmp_path), tiny_data_dir)
+    assert result["max_seq_len"] == 30
+
+
+def test_cli_prints_one_summary_table_and_the_data_path(tiny_data_dir, tmp_path, capsys):
+    rc = train.main(["--experiment", "din", "--data", tiny_data_dir,
+                     "--model-dir", str(tmp_path / "run"),
+                     *[f"--set={a}" for a in SHRINK]])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.count("| experiment |") == 1 and "| din |" in out
+    assert f"data: {tiny_data_dir}" in out
