@@ -42,6 +42,8 @@ def configure(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=pattern)
     import tensorflow as tf
 
+    # Python loggers of the stack (Beam's "apitools not found" on import, tf-keras notices).
+    logging.getLogger().setLevel(logging.ERROR)
     tf.get_logger().setLevel(logging.ERROR)
     tf.autograph.set_verbosity(0)
     try:

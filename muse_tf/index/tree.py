@@ -35,6 +35,8 @@ import os
 import numpy as np
 import scipy.sparse
 
+from muse_tf.embeddings.arrays import sorted_positions
+
 __all__ = ["IndexTree"]
 
 _FORMAT_VERSION = 1
@@ -383,12 +385,10 @@ class IndexTree:
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"item_ids must be integers; got dtype {ids.dtype}.")
         ids = ids.astype(np.int64)
-        index = np.searchsorted(self.item_ids, ids)
-        index_clipped = np.minimum(index, self.num_items - 1)
-        unknown = self.item_ids[index_clipped] != ids
-        if np.any(unknown):
-            raise ValueError(f"item ids not in the tree: {ids[unknown][:5].tolist()}.")
-        return self.item_leaf[index_clipped]
+        positions, found = sorted_positions(self.item_ids, ids)
+        if not np.all(found):
+            raise ValueError(f"item ids not in the tree: {ids[~found][:5].tolist()}.")
+        return self.item_leaf[positions]
 
     def items_of_leaves(self, leaf_nodes: np.ndarray) -> np.ndarray:
         """Item id (int64, same shape) of each leaf node id; raises for non-leaf or padding."""
