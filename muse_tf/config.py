@@ -113,8 +113,10 @@ class ExperimentConfig:
                            "head_dim", "num_tiers", "tier_dim"):
             if getattr(model, field_name) <= 0:
                 raise ValueError(f"model.{field_name}={getattr(model, field_name)} must be > 0")
-        if self.data.batch_size <= 0:
-            raise ValueError(f"data.batch_size={self.data.batch_size} must be > 0")
+        for field_name in ("batch_size", "eval_batch_size"):
+            if getattr(self.data, field_name) <= 0:
+                raise ValueError(f"data.{field_name}={getattr(self.data, field_name)} must be "
+                                 "> 0")
         if self.train.strategy not in ("default", "mirrored", "multi_worker"):
             raise ValueError(f"train.strategy={self.train.strategy!r} is not one of "
                              "default, mirrored, multi_worker")

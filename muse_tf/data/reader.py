@@ -86,10 +86,12 @@ def make_dataset(
     """
     if isinstance(data_dir, DataDir):
         files = data_dir.split_files(split)
-        max_seq_len = max_seq_len or data_dir.max_seq_len
+        if max_seq_len is None:
+            max_seq_len = data_dir.max_seq_len
     else:
         files = split_files(data_dir, split)
-        max_seq_len = max_seq_len or default_max_seq_len(data_dir)
+        if max_seq_len is None:
+            max_seq_len = default_max_seq_len(data_dir)
     return make_dataset_from_files(
         files, batch_size, max_seq_len, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
         repeat=repeat, deterministic=deterministic, seed=seed, drop_remainder=drop_remainder,

@@ -43,12 +43,6 @@ LENGTHS = "lengths"
 CATEGORY_ROWS = "category_rows"
 
 
-def _as_vocabulary(vocabulary: Vocabulary | Mapping[str, Any]) -> Vocabulary:
-    if isinstance(vocabulary, Vocabulary):
-        return vocabulary
-    return Vocabulary(**dict(vocabulary))
-
-
 def _check_positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"FeatureEmbeddings: `{name}` must be a positive int, got {value!r}")
@@ -113,7 +107,7 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
         if missing:
             raise ValueError(f"FeatureEmbeddings: vocabularies missing for {missing} (given: "
                              f"{sorted(vocabularies)})")
-        self.vocabularies = {name: _as_vocabulary(vocabularies[name]) for name in used}
+        self.vocabularies = {name: Vocabulary.of(vocabularies[name]) for name in used}
         self.lookups = {name: IdLookup(v.path, v.vocab_size, v.num_embedded,
                                        name=f"lookup_{name}")
                         for name, v in self.vocabularies.items()}

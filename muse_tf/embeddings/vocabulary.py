@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +31,11 @@ class Vocabulary:
     path: str
     vocab_size: int
     num_embedded: int
+
+    @classmethod
+    def of(cls, value: Vocabulary | Mapping[str, Any]) -> Vocabulary:
+        """``value`` as a Vocabulary (its dict form comes from a model's ``get_config``)."""
+        return value if isinstance(value, cls) else cls(**dict(value))
 
 
 def _write(path: str, ids: np.ndarray, counts: np.ndarray) -> None:

@@ -42,28 +42,27 @@ def _check_size(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _feature_specs(features: tuple[schema.Feature, ...],
+                   shape: list[int | None]) -> dict[str, tf.TensorSpec]:
+    return {f.name: tf.TensorSpec(shape, tf.dtypes.as_dtype(f.dtype), name=f.name)
+            for f in features}
+
+
+def _length_spec(name: str) -> dict[str, tf.TensorSpec]:
+    return {name: tf.TensorSpec([None], _LENGTH_DTYPE, name=name)}
+
+
 def retrieval_input_signature(max_seq_len: int) -> dict[str, tf.TensorSpec]:
     """Input specs of a retrieval signature (the query block), in signature order."""
     _check_size("max_seq_len", max_seq_len)
-    specs: dict[str, tf.TensorSpec] = {}
-    for feature in schema.USER_SIDE_FEATURES:
-        specs[feature.name] = tf.TensorSpec([None], tf.dtypes.as_dtype(feature.dtype),
-                                            name=feature.name)
-    for feature in schema.SEQUENCE_FEATURES:
-        specs[feature.name] = tf.TensorSpec([None, max_seq_len],
-                                            tf.dtypes.as_dtype(feature.dtype), name=feature.name)
-    specs[schema.HISTORY_LENGTH] = tf.TensorSpec([None], _LENGTH_DTYPE,
-                                                 name=schema.HISTORY_LENGTH)
-    return specs
+    return {**_feature_specs(schema.USER_SIDE_FEATURES, [None]),
+            **_feature_specs(schema.SEQUENCE_FEATURES, [None, max_seq_len]),
+            **_length_spec(schema.HISTORY_LENGTH)}
 
 
 def ranking_input_signature(max_seq_len: int, max_candidates: int) -> dict[str, tf.TensorSpec]:
     """Input specs of the ranking signature (query block + candidate block), in order."""
     _check_size("max_candidates", max_candidates)
-    specs = retrieval_input_signature(max_seq_len)
-    for feature in schema.ITEM_SIDE_FEATURES:
-        specs[feature.name] = tf.TensorSpec([None, max_candidates],
-                                            tf.dtypes.as_dtype(feature.dtype), name=feature.name)
-    specs[schema.NUM_CANDIDATES] = tf.TensorSpec([None], _LENGTH_DTYPE,
-                                                 name=schema.NUM_CANDIDATES)
-    return specs
+    return {**retrieval_input_signature(max_seq_len),
+            **_feature_specs(schema.ITEM_SIDE_FEATURES, [None, max_candidates]),
+            **_length_spec(schema.NUM_CANDIDATES)}

@@ -37,10 +37,6 @@ from muse_tf.models.search_units import NO_SEARCH, SearchContext, build_search_u
 from muse_tf.training.step import TwoOptimizerModel
 
 
-def _vocabulary(value: Vocabulary | Mapping[str, Any]) -> Vocabulary:
-    return value if isinstance(value, Vocabulary) else Vocabulary(**dict(value))
-
-
 @tf.keras.utils.register_keras_serializable(package="muse_tf")
 class RankingModel(TwoOptimizerModel):
     """CTR ranking model whose GSU/ESU parts are chosen by :class:`ModelConfig`.
@@ -68,7 +64,7 @@ class RankingModel(TwoOptimizerModel):
         if isinstance(config, Mapping):
             config = ModelConfig(**dict(config))
         self.config = config
-        vocabularies = {name: _vocabulary(v) for name, v in vocabularies.items()}
+        vocabularies = {name: Vocabulary.of(v) for name, v in vocabularies.items()}
         missing = sorted(set(schema.vocabularies()) - set(vocabularies))
         if missing:
             raise ValueError(f"vocabularies missing for {missing}")

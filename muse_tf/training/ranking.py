@@ -20,7 +20,7 @@ from muse_tf.data import reader
 from muse_tf.data.data_dir import DataDir
 from muse_tf.models.factory import build_ranking_model
 from muse_tf.training import evaluation, runs
-from muse_tf.training.strategy import is_chief, make_strategy, work_dir
+from muse_tf.training.strategy import is_chief, make_strategy, shard_for_strategy, work_dir
 
 PREDICTIONS_FILE = "test_predictions.npz"
 
@@ -38,12 +38,7 @@ def train_dataset(config: config_lib.ExperimentConfig, data: DataDir, seq_len: i
                                   shuffle=True, shuffle_buffer=config.data.shuffle_buffer,
                                   seed=config.data.seed, drop_remainder=True,
                                   repeat=steps is not None)
-    if config.train.strategy == "multi_worker":
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA)
-        dataset = dataset.with_options(options)
-    return dataset, steps
+    return shard_for_strategy(dataset, config.train.strategy), steps
 
 
 def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
@@ -54,8 +49,6 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
     if config.task != "ranking":
         raise ValueError(f"{config.name}: task {config.task!r} is not a ranking task; run it "
                          "with muse_tf.training.experiment.run_experiment")
-    if config.data.eval_batch_size <= 0:
-        raise ValueError(f"data.eval_batch_size={config.data.eval_batch_size} must be > 0")
     data = runs.prepare_run(config, model_dir, data)
     strategy = make_strategy(config.train.strategy)
     chief = is_chief(strategy)
@@ -63,12 +56,8 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
     seq_len = runs.max_seq_len_of(config, data)
     batch = config.data.batch_size
     train_ds, steps = train_dataset(config, data, seq_len, batch)
-    with strategy.scope():
-        model = build_ranking_model(config, data, out_dir)
-        model.compile_with_learning_rates(config.train.embedding_learning_rate,
-                                          config.train.dense_learning_rate,
-                                          steps_per_execution=config.train.steps_per_execution)
-        model.build_for(next(iter(train_ds.take(1))))
+    model = runs.compiled_model(config, strategy,
+                                lambda: build_ranking_model(config, data, out_dir), train_ds)
     throughput, callbacks = runs.fit_callbacks(out_dir, batch)
     start = time.perf_counter()
     history = model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps,

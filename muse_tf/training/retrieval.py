@@ -51,6 +51,7 @@ from muse_tf import metrics as metrics_lib
 from muse_tf import schema
 from muse_tf.data.data_dir import DataDir
 from muse_tf.embeddings.arrays import in_sorted
+from muse_tf.export import names
 from muse_tf.export import retrieval as retrieval_export
 from muse_tf.export.retrieval import serving_signature
 from muse_tf.index.tree import IndexTree
@@ -131,12 +132,7 @@ class _Run:
         """Builds the model under the strategy and trains it with ``fit``."""
         config = self.config
         dataset = training_dataset(config, self.data, self.seq_len, keep, add_targets)
-        with self.strategy.scope():
-            model = build()
-            model.compile_with_learning_rates(
-                config.train.embedding_learning_rate, config.train.dense_learning_rate,
-                steps_per_execution=config.train.steps_per_execution)
-            model.build_for(next(iter(dataset.take(1))))
+        model = runs.compiled_model(config, self.strategy, build, dataset)
         out_dir = work_dir(self.model_dir, self.chief)
         throughput, callbacks = runs.fit_callbacks(out_dir, config.data.batch_size)
         start = time.perf_counter()
@@ -197,7 +193,7 @@ class _Run:
         }
 
     def export_dir(self, model_name: str) -> str:
-        return os.path.join(self.model_dir, retrieval_export.EXPORT_DIR, model_name)
+        return names.retrieval_base_path(self.model_dir, model_name)
 
 
 def run_miss(config: config_lib.ExperimentConfig, model_dir: str,

@@ -21,6 +21,7 @@ from muse_tf import schema
 from muse_tf.data import reader
 from muse_tf.data.data_dir import DataDir, split_files
 from muse_tf.embeddings.arrays import in_sorted, normalise_rows
+from muse_tf.training.strategy import shard_for_strategy
 
 __all__ = ["Catalogue", "ClickCounts", "click_counts", "clicked_dataset", "training_dataset"]
 
@@ -150,9 +151,4 @@ def training_dataset(config: config_lib.ExperimentConfig, data: DataDir, seq_len
     if add_targets is not None:
         dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.counter())).map(
             add_targets, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if config.train.strategy == "multi_worker":
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA)
-        dataset = dataset.with_options(options)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return shard_for_strategy(dataset, config.train.strategy).prefetch(tf.data.AUTOTUNE)

@@ -7,13 +7,14 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
 
 from muse_tf import config as config_lib
 from muse_tf.data.data_dir import DataDir
+from muse_tf.training.step import TwoOptimizerModel
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -51,6 +52,20 @@ def max_seq_len_of(config: config_lib.ExperimentConfig, data: DataDir) -> int:
             f"with max_seq_len={written}): every history is padded to {wanted}, which costs "
             f"about {wanted / written:.1f}x the time for the same predictions", stacklevel=2)
     return wanted
+
+
+def compiled_model(config: config_lib.ExperimentConfig, strategy: tf.distribute.Strategy,
+                   build: Callable[[], TwoOptimizerModel],
+                   dataset: tf.data.Dataset) -> TwoOptimizerModel:
+    """``build()`` under ``strategy``, compiled with the config's two learning rates, every
+    weight and optimizer slot created from the first batch of ``dataset``."""
+    with strategy.scope():
+        model = build()
+        model.compile_with_learning_rates(config.train.embedding_learning_rate,
+                                          config.train.dense_learning_rate,
+                                          steps_per_execution=config.train.steps_per_execution)
+        model.build_for(next(iter(dataset.take(1))))
+    return model
 
 
 class Throughput(tf.keras.callbacks.Callback):

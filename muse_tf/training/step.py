@@ -83,10 +83,3 @@ class TwoOptimizerModel(tfrs.models.Model):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         self.loss_tracker.update_state(total_loss * replicas)
         return {metric.name: metric.result() for metric in self.metrics}
-
-    def test_step(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        loss = self.compute_loss(inputs, training=False)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if getattr(self, "loss_tracker", None) is not None:
-            self.loss_tracker.update_state(loss * replicas)
-        return {metric.name: metric.result() for metric in self.metrics}

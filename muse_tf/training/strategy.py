@@ -23,6 +23,18 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     raise ValueError(f"unknown strategy {name!r}; one of {STRATEGIES}")
 
 
+def shard_for_strategy(dataset: tf.data.Dataset, name: str) -> tf.data.Dataset:
+    """``dataset`` as the ``name`` strategy reads it: under ``multi_worker`` every worker
+    reads every file and keeps its share of the batches (``AutoShardPolicy.DATA``), which
+    works for any number of shards; other strategies read it as it is."""
+    if name != "multi_worker":
+        return dataset
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return dataset.with_options(options)
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """True on a single machine, on the chief, or on worker 0 of a chief-less cluster."""
     resolver = getattr(strategy, "cluster_resolver", None)
