@@ -21,7 +21,10 @@ from collections.abc import Sequence
 from muse_tf import config as config_lib
 from muse_tf import console
 
-DEFAULT_EXPERIMENTS = "muse,din,sim_hard,sim_soft,twin,miss"
+#: MUSE, the official-code-style baselines (MUSE's ESU over each search) and the original
+#: papers' baselines (ID target attention, no SimTier).
+DEFAULT_EXPERIMENTS = ("muse,din,sim_hard,sim_soft,twin,miss,"
+                       "din_ta,sim_hard_ta,sim_soft_ta,twin_ta,miss_ta")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,14 @@ import yaml
 #: Exact search units (ESU) over the retrieved behaviours; any non-empty combination.
 ESU_CHOICES = ("ta", "sa_ta", "simtier")
 TASK_CHOICES = ("ranking", "miss_retrieval", "two_tower")
+#: ModelConfig fields with a fixed set of values.
+MODEL_CHOICES = {
+    "embedding_init": ("truncated_normal", "normal"),
+    "id_gsu_similarity": ("cosine", "inner_product"),
+    "attention": ("official", "scaled"),
+    "simtier_binning": ("ceil", "floor"),
+    "tower_style": ("official", "batch"),
+}
 
 
 @dataclasses.dataclass
@@ -36,22 +44,43 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Ranking model structure (MUSE paper, section 3)."""
+    """Ranking model structure (MUSE paper, section 3). Defaults follow the official MUSE
+    code (alimama-tech/MUSE); the first muse_tf choices are the ``muse_v1`` experiment."""
 
     id_embedding_dim: int = 16
     short_term_len: int = 50
     use_user_attributes: bool = True
     use_item_attributes: bool = True
+    use_user_id: bool = True     # official: the user-id embedding is a tower input
+    # [] = official: E for user_attr_1..2 (130_1, 130_2), E/2 for user_attr_3..5.
+    user_attribute_dims: list[int] = dataclasses.field(default_factory=list)
+    embedding_init: str = "truncated_normal"   # truncated_normal (official) | normal
+    embedding_init_std: float = 0.001          # official 0.001; muse_v1: normal, 0.05
     gsu: str = "multimodal"      # a name of muse_tf.models.search_units.SEARCH_UNITS, or "none"
     top_k: int = 50
+    id_gsu_similarity: str = "cosine"  # SIM-soft (gsu "id"): cosine (official) | inner_product
     esu: list[str] = dataclasses.field(default_factory=lambda: ["sa_ta", "simtier"])
-    num_heads: int = 2
-    head_dim: int = 16
-    num_tiers: int = 10
-    tier_dim: int = 8
+    # official: Linear+bias projections (SiLU in SA-TA), unscaled dot, one head of 2E;
+    # scaled: no bias/activation, logits / sqrt(head_dim) (muse_v1: 2 heads of 16).
+    attention: str = "official"
+    num_heads: int = 1
+    head_dim: int = 32
+    # SA-TA: initial (g1, g2, g3) and the learned temperature τ on R (0 = none). Official:
+    # (1, 1, 1) and τ = 0.1, i.e. effective initial gates (1, 10, 10).
+    sa_ta_gates: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0, 1.0])
+    sa_ta_temperature: float = 0.1
+    # SimTier: official ceil binning into tiers of width 2/num_tiers = 0.1, one weight each,
+    # on the retrieved K and (short_term_simtier) the newest short_term_len behaviours.
+    simtier_binning: str = "ceil"   # ceil (official) | floor (muse_v1: 10 tiers × 8-d)
+    num_tiers: int = 20
+    tier_dim: int = 1
+    short_term_simtier: bool = True
+    retrieved_mean: bool = True  # official: mean ID embedding of the K retrieved, in the tower
     gsu_projection_dim: int = 32
-    tower_units: list[int] = dataclasses.field(default_factory=lambda: [200, 80])
+    tower_units: list[int] = dataclasses.field(default_factory=lambda: [256, 128, 64])
     tower_activation: str = "dice"
+    tower_style: str = "official"   # official: LayerNorm-Dice, α=-0.25, N(0,1/fan_in), b=0.1
+    #                                 batch: BatchNorm-Dice, α=0, Glorot, b=0 (muse_v1)
     dropout: float = 0.0
 
 
@@ -65,18 +94,36 @@ class RetrievalConfig:
     tower_dim: int = 32
     scann_leaves: int = 100
     scann_leaves_to_search: int = 10
+    # Two-tower in-batch softmax: logits <u, v> / temperature, minus log q(item) (the item's
+    # share of the training clicks) when logq_correction (Yi et al., RecSys 2019).
+    temperature: float = 0.2
+    logq_correction: bool = True
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Optimisation: Adam with separate learning rates for embeddings and dense layers."""
+    """Optimisation: separate optimizers and learning rates for embeddings and dense layers
+    (official: SparseAdam for the ID embeddings, AdamW with weight decay 0.01 for the rest)."""
 
-    epochs: int = 1
+    # Ranking: the most data epochs (early stopping on validation GAUC usually ends sooner;
+    # 20 lets a ~60K-impression set converge, a 99M-sample set stops after about one);
+    # with validation_share=0, exactly this many (the official setting: 1). Retrieval: exactly.
+    epochs: int = 20
     embedding_learning_rate: float = 2e-3
     dense_learning_rate: float = 2e-4
+    embedding_optimizer: str = "lazy_adam"  # lazy_adam (official: SparseAdam) | adam
+    dense_weight_decay: float = 0.01        # AdamW's decoupled decay; 0 = plain Adam
     steps_per_execution: int = 1
-    max_train_steps: int = 0     # 0 = whole epochs
-    max_eval_steps: int = 0      # 0 = whole test split
+    max_train_steps: int = 0     # ranking: cap on the train steps in all; retrieval: per
+    #                              epoch; 0 = whole epochs
+    # Ranking: this share of the train split's users (by a hash of user_id, seeded by
+    # data.seed) is held out for validation and early stopping; 0 = no validation.
+    validation_share: float = 0.1
+    patience: int = 2            # validations without a better GAUC before stopping
+    # Validate every this many train examples, or once per data epoch if sooner; 0 = per
+    # epoch.
+    validation_every_examples: int = 2_000_000
+    max_eval_steps: int = 0      # batches of the test (and validation) split; 0 = all
     strategy: str = "default"    # default | mirrored | multi_worker
     export: bool = True
     verbose: int = 1
@@ -113,6 +160,23 @@ class ExperimentConfig:
                            "head_dim", "num_tiers", "tier_dim"):
             if getattr(model, field_name) <= 0:
                 raise ValueError(f"model.{field_name}={getattr(model, field_name)} must be > 0")
+        for field_name, choices in MODEL_CHOICES.items():
+            if getattr(model, field_name) not in choices:
+                raise ValueError(f"model.{field_name}={getattr(model, field_name)!r} is not one "
+                                 f"of {choices}")
+        if model.simtier_binning == "ceil" and model.num_tiers % 2:
+            raise ValueError(f"model.num_tiers={model.num_tiers} must be even with "
+                             "model.simtier_binning='ceil' (tiers centred on 0)")
+        if len(model.sa_ta_gates) != 3:
+            raise ValueError(f"model.sa_ta_gates={model.sa_ta_gates}: three initial gates "
+                             "(g1, g2, g3)")
+        if model.sa_ta_temperature < 0 or model.embedding_init_std <= 0:
+            raise ValueError(f"model.sa_ta_temperature={model.sa_ta_temperature} must be >= 0 "
+                             f"and model.embedding_init_std={model.embedding_init_std} > 0")
+        if model.user_attribute_dims and (len(model.user_attribute_dims) != 5
+                                          or min(model.user_attribute_dims) <= 0):
+            raise ValueError(f"model.user_attribute_dims={model.user_attribute_dims}: [] or "
+                             "five positive sizes (user_attr_1..5)")
         for field_name in ("batch_size", "eval_batch_size"):
             if getattr(self.data, field_name) <= 0:
                 raise ValueError(f"data.{field_name}={getattr(self.data, field_name)} must be "
@@ -120,6 +184,22 @@ class ExperimentConfig:
         if self.train.strategy not in ("default", "mirrored", "multi_worker"):
             raise ValueError(f"train.strategy={self.train.strategy!r} is not one of "
                              "default, mirrored, multi_worker")
+        if not 0.0 <= self.train.validation_share < 1.0:
+            raise ValueError(f"train.validation_share={self.train.validation_share!r} must be "
+                             "in [0, 1) (0 = no validation split, fixed epochs)")
+        for field_name in ("epochs", "patience", "validation_every_examples",
+                           "max_train_steps", "max_eval_steps"):
+            if getattr(self.train, field_name) < 0:
+                raise ValueError(f"train.{field_name}={getattr(self.train, field_name)} must be "
+                                 ">= 0")
+        if not self.retrieval.temperature > 0:
+            raise ValueError(f"retrieval.temperature={self.retrieval.temperature} must be > 0")
+        if self.train.embedding_optimizer not in ("lazy_adam", "adam"):
+            raise ValueError(f"train.embedding_optimizer={self.train.embedding_optimizer!r} "
+                             "is not one of lazy_adam, adam")
+        if not self.train.dense_weight_decay >= 0:
+            raise ValueError(f"train.dense_weight_decay={self.train.dense_weight_decay!r} "
+                             "must be >= 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,18 +334,42 @@ def resolve(name: str, config_file: str | None = None,
     return config.validate()
 
 
-# Main models and baselines (MUSE paper, Table 4).
-register("muse", "MUSE: multimodal GSU + SA-TA + SimTier (the default)")
-register("din", "DIN: target attention over the newest behaviours only, no lifelong search",
-         model={"gsu": "none", "esu": ["ta"]})
-register("sim_hard", "SIM-hard: category-match GSU + target attention",
-         model={"gsu": "category", "esu": ["ta"]})
-register("sim_soft", "SIM-soft: ID-embedding inner-product GSU + target attention",
-         model={"gsu": "id", "esu": ["ta"]})
-register("twin", "TWIN: target-attention score as the GSU + target attention",
-         model={"gsu": "attention", "esu": ["ta"]})
-register("miss", "MISS as a ranker: Co-GSU (ID) + MM-GSU (multimodal), ID-only target attention",
-         model={"gsu": "miss", "esu": ["ta"]})
+# Main models and baselines (MUSE paper, Table 4). As in the official code, every baseline
+# keeps MUSE's ESU (SA-TA + SimTier over what its search selects), the short-term path (with
+# its multimodal SimTier) and the tower, and changes only the long-term search.
+register("muse", "MUSE: multimodal GSU + SA-TA + SimTier (the default; official settings)")
+register("din", "DIN (official-code style): no lifelong search; short-term TA + SimTier",
+         model={"gsu": "none"})
+register("sim_hard", "SIM-hard (official-code style): category-match GSU + SA-TA + SimTier",
+         model={"gsu": "category"})
+register("sim_soft", "SIM-soft (official-code style): cosine of ID embeddings + SA-TA + SimTier",
+         model={"gsu": "id"})
+register("twin", "TWIN: the ESU's attention score as the GSU + SA-TA + SimTier",
+         model={"gsu": "attention"})
+register("miss", "MISS as a ranker: Co-GSU (ID) + MM-GSU (multimodal) + SA-TA + SimTier",
+         model={"gsu": "miss"})
+# The original papers' baselines: ID target attention as the ESU and no multimodal features
+# outside their search (no SimTier anywhere, SIM-soft by inner product as in SIM).
+_ORIGINAL = {"esu": ["ta"], "short_term_simtier": False}
+register("din_ta", "DIN (original): target attention over the newest behaviours only",
+         model={"gsu": "none", **_ORIGINAL})
+register("sim_hard_ta", "SIM-hard (original): category-match GSU + target attention",
+         model={"gsu": "category", **_ORIGINAL})
+register("sim_soft_ta", "SIM-soft (original): ID-embedding inner-product GSU + target attention",
+         model={"gsu": "id", "id_gsu_similarity": "inner_product", **_ORIGINAL})
+register("twin_ta", "TWIN (original): target-attention score as the GSU + target attention",
+         model={"gsu": "attention", **_ORIGINAL})
+register("miss_ta", "MISS as a ranker (original): Co-GSU + MM-GSU, ID target attention",
+         model={"gsu": "miss", **_ORIGINAL})
+# The first muse_tf configuration of MUSE, before it followed the official code.
+MUSE_V1 = {"use_user_id": False, "user_attribute_dims": [16] * 5, "embedding_init": "normal",
+           "embedding_init_std": 0.05, "attention": "scaled", "num_heads": 2, "head_dim": 16,
+           "sa_ta_gates": [1.0, 1.0, 0.0], "sa_ta_temperature": 0.0,
+           "simtier_binning": "floor", "num_tiers": 10, "tier_dim": 8,
+           "short_term_simtier": False, "retrieved_mean": False, "tower_units": [200, 80],
+           "tower_style": "batch"}
+register("muse_v1", "MUSE as first built here: 2-head scaled SA-TA gates (1,1,0), SimTier "
+         "10 tiers × 8-d on the retrieved only, tower 200-80 BatchNorm-Dice", model=MUSE_V1)
 # Table 1: which embedding the GSU searches with (ESU fixed to ID target attention).
 register("ablation_gsu_id", "Table 1: GSU by ID embedding (ESU: TA)",
          model={"gsu": "id", "esu": ["ta"]})
@@ -290,11 +394,14 @@ register("ablation_esu_sata_simtier", "Table 3: ESU = SA-TA + SimTier (= muse)",
 # Retrieval (MISS paper) and its two-tower baseline.
 # One epoch at the ranking learning rates leaves both retrieval models under-trained on the
 # demo data (MISS recall@100 0.21 vs popularity 0.17); 4 epochs at 1e-3 were measured to work.
+# Their model sizes are the ones these figures were measured with.
+_RETRIEVAL_MODEL = {"num_heads": 2, "head_dim": 16, "tower_units": [200, 80]}
 register("miss_retrieval", "MISS retrieval: multimodal index tree, Co-GSU + MM-GSU node scorer, "
-         "beam search", task="miss_retrieval",
+         "beam search", task="miss_retrieval", model=_RETRIEVAL_MODEL,
          train={"epochs": 4, "dense_learning_rate": 1e-3})
 register("two_tower", "Two-tower retrieval (TFRS Retrieval task), brute-force and ScaNN top-k",
-         task="two_tower", train={"epochs": 4, "dense_learning_rate": 1e-3})
+         task="two_tower", model=_RETRIEVAL_MODEL,
+         train={"epochs": 4, "dense_learning_rate": 1e-3})
 
 #: Ablation groups for ``python -m muse_tf.experiments``.
 ABLATIONS = {

@@ -25,6 +25,7 @@ from muse_tf import schema
 from muse_tf.embeddings.id_lookup import IdLookup
 from muse_tf.embeddings.multimodal_table import FrozenMultimodalTable
 from muse_tf.embeddings.vocabulary import Vocabulary
+from muse_tf.layers.attention_logits import fresh_initializer
 from muse_tf.layers.masking import history_mask, masked_mean, newest_positions
 from muse_tf.layers.search_unit import CATEGORY, ID, MM, ROWS
 
@@ -53,11 +54,13 @@ def _check_positive(name: str, value: Any) -> int:
 class FeatureEmbeddings(tf.keras.layers.Layer):
     """Raw ids → the embeddings a model reads (module docstring).
 
-    Holds one :class:`IdLookup` and one trainable ``Embedding(num_embedded + 2, E)``
-    (``RandomNormal(stddev=0.05)``, named ``id_embedding_<vocabulary>``) per vocabulary it
-    uses, and the :class:`FrozenMultimodalTable` indexed by full item rows. Always used: the
-    item and category vocabularies; the user attributes with ``use_user_attributes``; the
-    item attributes with ``use_item_attributes``; the user id with ``use_user_id``. No
+    Holds one :class:`IdLookup` and one trainable ``Embedding(num_embedded + 2, E_v)``
+    (``embeddings_initializer``, by default ``RandomNormal(stddev=0.05)``; the official MUSE
+    code: truncated normal, std 0.001; named ``id_embedding_<vocabulary>``; ``E_v`` = E or
+    ``embedding_dims[v]``) per vocabulary it uses, and the :class:`FrozenMultimodalTable`
+    indexed by full item rows. Always used: the item and category vocabularies; the user
+    attributes with ``use_user_attributes``; the item attributes with
+    ``use_item_attributes``; the user id with ``use_user_id``. No
     lookup table, embedding or vocabulary asset exists for the others.
 
     Methods (shapes: ``B`` batch, ``L`` history length, ``...`` any leading shape):
@@ -67,7 +70,7 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
     * :meth:`behaviour_embedding`: item ⊕ category ID embedding ``[..., 2E]`` from rows;
     * :meth:`short_term_mean`: masked mean over the newest ``short_term_len`` behaviours;
     * :meth:`item_embedding`: raw item ids → ID embedding, multimodal vector, has-one;
-    * :meth:`user_attributes` ``[B, 5E]``, :meth:`item_attributes` ``[..., 2E]``,
+    * :meth:`user_attributes` ``[B, user_dim]``, :meth:`item_attributes` ``[..., 2E]``,
       :meth:`user_id_embedding` ``[B, E]``, :meth:`embed` (any used vocabulary);
     * :meth:`embedding_variables`: the trainable ID tables (their own optimizer).
 
@@ -82,13 +85,18 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
       use_user_id: embed ``user_id`` (:meth:`user_id_embedding`).
       mm_table: optional ``[item rows, D]`` L2-normalised table
         (:func:`muse_tf.embeddings.normalised_mm_matrix`); zeros until weights are restored.
+      embeddings_initializer: initializer of every ID-embedding table.
+      embedding_dims: per-vocabulary sizes overriding E (the official code embeds three user
+        attributes at E/2); the item and category vocabularies always use E.
     """
 
     def __init__(self, vocabularies: Mapping[str, Vocabulary | Mapping[str, Any]],
                  id_embedding_dim: int, mm_dim: int = schema.MM_EMBEDDING_DIM,
                  short_term_len: int = schema.SHORT_TERM_LEN, use_user_attributes: bool = True,
                  use_item_attributes: bool = False, use_user_id: bool = False,
-                 mm_table: np.ndarray | None = None, **kwargs: Any) -> None:
+                 mm_table: np.ndarray | None = None,
+                 embeddings_initializer: Any = None,
+                 embedding_dims: Mapping[str, int] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.id_embedding_dim = _check_positive("id_embedding_dim", id_embedding_dim)
         self.mm_dim = _check_positive("mm_dim", mm_dim)
@@ -108,15 +116,25 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
             raise ValueError(f"FeatureEmbeddings: vocabularies missing for {missing} (given: "
                              f"{sorted(vocabularies)})")
         self.vocabularies = {name: Vocabulary.of(vocabularies[name]) for name in used}
+        self.embedding_dims = {str(k): _check_positive(f"embedding_dims[{k!r}]", v)
+                               for k, v in dict(embedding_dims or {}).items()}
+        fixed = {schema.ITEM_ID.vocabulary, schema.ITEM_CATEGORY.vocabulary}
+        bad = sorted(set(self.embedding_dims) & fixed)
+        if bad:
+            raise ValueError(f"FeatureEmbeddings: embedding_dims may not resize {bad} (behaviours "
+                             "and targets share E)")
+        self.embeddings_initializer = tf.keras.initializers.get(
+            embeddings_initializer or {"class_name": "RandomNormal",
+                                       "config": {"stddev": 0.05}})
         self.lookups = {name: IdLookup(v.path, v.vocab_size, v.num_embedded,
                                        name=f"lookup_{name}")
                         for name, v in self.vocabularies.items()}
         self.embeddings = {
             name: tf.keras.layers.Embedding(
-                lookup.num_embedded_rows, self.id_embedding_dim,
+                lookup.num_embedded_rows, self.dim_of(name),
                 name=f"{EMBEDDING_PREFIX}{name}",
-                embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
-            for name, lookup in self.lookups.items()
+                embeddings_initializer=fresh_initializer(self.embeddings_initializer, i))
+            for i, (name, lookup) in enumerate(self.lookups.items())
         }
         for layer in self.embeddings.values():  # every table exists before the first step
             with tf.name_scope(layer.name):
@@ -136,15 +154,21 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
         """``2E``: size of a behaviour's item ⊕ category ID embedding."""
         return 2 * self.id_embedding_dim
 
+    def dim_of(self, vocabulary: str) -> int:
+        """The ID-embedding size of ``vocabulary``."""
+        return self.embedding_dims.get(vocabulary, self.id_embedding_dim)
+
     @property
     def user_dim(self) -> int:
         """Size of :meth:`user_attributes` (0 without ``use_user_attributes``)."""
-        return len(schema.USER_ATTRIBUTES) * self.id_embedding_dim * self.use_user_attributes
+        return sum(self.dim_of(f.vocabulary) for f in schema.USER_ATTRIBUTES) \
+            * self.use_user_attributes
 
     @property
     def item_attribute_dim(self) -> int:
         """Size of :meth:`item_attributes` (0 without ``use_item_attributes``)."""
-        return len(schema.ITEM_ATTRIBUTES) * self.id_embedding_dim * self.use_item_attributes
+        return sum(self.dim_of(f.vocabulary) for f in schema.ITEM_ATTRIBUTES) \
+            * self.use_item_attributes
 
     # ------------------------------------------------------------------ lookups
     def _lookup_layer(self, vocabulary: str) -> IdLookup:
@@ -243,7 +267,7 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
         return id_vectors, self.mm_table(rows), self.mm_table.has_embedding(rows)
 
     def user_attributes(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        """User attribute ID embeddings, concatenated in schema order: ``[B, 5E]``
+        """User attribute ID embeddings, concatenated in schema order: ``[B, user_dim]``
         (``[B, 0]`` without ``use_user_attributes``)."""
         if not self.use_user_attributes:
             batch = tf.shape(features[schema.HISTORY_LENGTH])[0]
@@ -279,4 +303,7 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
                 "short_term_len": self.short_term_len,
                 "use_user_attributes": self.use_user_attributes,
                 "use_item_attributes": self.use_item_attributes,
-                "use_user_id": self.use_user_id}
+                "use_user_id": self.use_user_id,
+                "embeddings_initializer":
+                    tf.keras.initializers.serialize(self.embeddings_initializer),
+                "embedding_dims": dict(self.embedding_dims)}

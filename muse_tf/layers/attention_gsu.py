@@ -89,11 +89,8 @@ class AttentionGSU(GeneralSearchUnit):
         query, keys = target[ID], history[ID]
         if query.shape.rank == 2:
             return self.logits_layer.head_mean_logits(query, keys), mask
-        # [B, C, E]: project the B*C queries into key space, then one product per user.
-        flat = tf.reshape(query, [-1, query.shape[-1]])
-        key_space = tf.reduce_mean(self.logits_layer.key_space_query(flat, keys), axis=1)
-        key_space = tf.reshape(key_space, [-1, tf.shape(query)[1], keys.shape[-1]])
-        return tf.einsum("bce,ble->bcl", key_space, keys), mask
+        # [B, C, E]: C queries against the same history, keys processed once per user.
+        return self.logits_layer.candidate_mean_logits(query, keys), mask
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

@@ -27,19 +27,27 @@ def fresh_initializer(initializer: tf.keras.initializers.Initializer,
     return initializer.__class__.from_config(config)
 
 
+#: Activations allowed on the projections (None = linear).
+PROJECTION_ACTIVATIONS = (None, "silu")
+
+
 @tf.keras.utils.register_keras_serializable(package="muse_tf")
 class MultiHeadAttentionLogits(tf.keras.layers.Layer):
     """Per-head target-attention logits between one query and K keys.
 
-    ``a^h_i = (W_q^h q) · (W_k^h k_i) / sqrt(d)`` for heads ``h = 1..H`` with
-    ``W_q^h ∈ R^{d×D_q}``, ``W_k^h ∈ R^{d×D_k}`` (no biases) and ``d = head_dim``: the
-    ``a_id`` of the MUSE paper's SA-TA (eq. 4) and of DIN/TWIN-style target
-    attention.
+    ``a^h_i = φ(W_q^h q + b_q^h) · φ(W_k^h k_i + b_k^h) · c`` for heads ``h = 1..H`` with
+    ``W_q^h ∈ R^{d×D_q}``, ``W_k^h ∈ R^{d×D_k}``, ``d = head_dim``, an activation ``φ``
+    (identity or SiLU), optional biases and ``c = 1/sqrt(d)`` (``scaled``) or 1: the
+    ``a_id`` of the MUSE paper's SA-TA (eq. 4) and of DIN/TWIN-style target attention.
 
-    Computed as ``a^h_i = k_i · u^h / sqrt(d)`` with ``u^h = (W_k^h)^T W_q^h q ∈ R^{D_k}``: the
-    query is projected into key space once instead of projecting every key, which is the same
-    value but costs ``O(K·D_k)`` per head instead of ``O(K·D_k·d)`` (what lets the attention
-    GSU score 100,000 behaviours).
+    * Linear projections (``activation=None``, with or without bias; the first muse_tf
+      version and the official code's short-term attention): computed as
+      ``a^h_i = c·(k_i · u^h + b_k^h · p^h)`` with ``p^h = W_q^h q + b_q^h`` and
+      ``u^h = (W_k^h)^T p^h ∈ R^{D_k}``: the query projected into key space once, the same
+      value for ``O(K·D_k)`` per head instead of ``O(K·D_k·d)`` (what lets the attention GSU
+      score 100,000 behaviours cheaply).
+    * With an activation (the official MUSE code's SA-TA: one head, ``Linear`` + SiLU
+      projections of query and keys, unscaled dot product) every key is projected.
 
     Call args:
       query: float ``[batch, D_q]``.
@@ -54,6 +62,10 @@ class MultiHeadAttentionLogits(tf.keras.layers.Layer):
       key_dim: D_k; inferred from ``keys`` on the first call when None (it is recorded in the
         config so a layer rebuilt from its config creates all weights in ``build``).
       kernel_initializer: initializer of ``W_q`` and ``W_k``.
+      use_bias: add ``b_q``, ``b_k``.
+      activation: ``φ``: None (linear) or ``"silu"``.
+      scaled: multiply by ``1/sqrt(d)``.
+      bias_initializer: initializer of the biases (the official code: 0.1).
     """
 
     def __init__(
@@ -62,6 +74,10 @@ class MultiHeadAttentionLogits(tf.keras.layers.Layer):
         head_dim: int,
         key_dim: int | None = None,
         kernel_initializer: Any = "glorot_uniform",
+        use_bias: bool = False,
+        activation: str | None = None,
+        scaled: bool = True,
+        bias_initializer: Any = "zeros",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -70,8 +86,38 @@ class MultiHeadAttentionLogits(tf.keras.layers.Layer):
         self.head_dim = check_positive_int(name, "head_dim", head_dim)
         self.key_dim = None if key_dim is None else check_positive_int(name, "key_dim", key_dim)
         self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)
+        if activation not in PROJECTION_ACTIVATIONS:
+            raise ValueError(f"{name}: `activation` must be one of {PROJECTION_ACTIVATIONS}, "
+                             f"got {activation!r}")
+        self.use_bias = bool(use_bias)
+        self.activation = activation
+        self.scaled = bool(scaled)
+        self.bias_initializer = tf.keras.initializers.get(bias_initializer)
         self.query_kernel: tf.Variable | None = None
         self.key_kernel: tf.Variable | None = None
+        self.query_bias: tf.Variable | None = None
+        self.key_bias: tf.Variable | None = None
+
+    @property
+    def projects_keys(self) -> bool:
+        """Whether every key is projected (an activation): no key-space shortcut."""
+        return self.activation is not None
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim) if self.scaled else 1.0
+
+    def project(self, x: tf.Tensor, kernel: tf.Variable, bias: tf.Variable | None) -> tf.Tensor:
+        """``φ(W^h x + b^h)``: ``[..., D] -> [..., H, d]`` (one 2-D matmul)."""
+        heads = self.num_heads * self.head_dim
+        flat = tf.reshape(x, [-1, kernel.shape[0]])
+        out = tf.matmul(flat, tf.reshape(kernel, [kernel.shape[0], heads]))
+        if bias is not None:
+            out = out + tf.reshape(bias, [heads])
+        if self.activation == "silu":
+            out = tf.nn.silu(out)
+        shape = tf.concat([tf.shape(x)[:-1], [self.num_heads, self.head_dim]], axis=0)
+        return tf.reshape(out, shape)
 
     def build(self, query_shape: tf.TensorShape) -> None:
         query_shape = tf.TensorShape(query_shape)
@@ -83,6 +129,10 @@ class MultiHeadAttentionLogits(tf.keras.layers.Layer):
         self.query_kernel = self.add_weight(
             "query_kernel", shape=(query_dim, self.num_heads, self.head_dim),
             initializer=fresh_initializer(self.kernel_initializer, 0))
+        if self.use_bias:
+            self.query_bias = self.add_weight(
+                "query_bias", shape=(self.num_heads, self.head_dim),
+                initializer=self.bias_initializer)
         if self.key_dim is not None:
             self.build_keys(self.key_dim)
         super().build(query_shape)
@@ -101,6 +151,10 @@ class MultiHeadAttentionLogits(tf.keras.layers.Layer):
             self.key_kernel = self.add_weight(
                 "key_kernel", shape=(key_dim, self.num_heads, self.head_dim),
                 initializer=fresh_initializer(self.kernel_initializer, 1))
+            if self.use_bias:
+                self.key_bias = self.add_weight(
+                    "key_bias", shape=(self.num_heads, self.head_dim),
+                    initializer=self.bias_initializer)
         self.key_dim = key_dim
 
     def check_inputs(self, query: tf.Tensor, keys: tf.Tensor, layer: str | None = None,
@@ -122,14 +176,35 @@ class MultiHeadAttentionLogits(tf.keras.layers.Layer):
                 f"{layer}: built for a query of size {self.query_kernel.shape[0]}, got "
                 f"`{query_arg}` with shape {tuple(query.shape.as_list())}")
 
-    def key_space_query(self, query: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
-        """``u^h / sqrt(d)``: ``[batch, H, D_k]``, so that ``a^h_i = k_i · (u^h / sqrt(d))``."""
+    def key_space_query(self, query: tf.Tensor, keys: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(c·u^h [batch, H, D_k], c·b_k^h·p^h [batch, H])``, so that
+        ``a^h_i = k_i · (c u^h) + c b_k^h·p^h`` (linear projections only, see
+        :attr:`projects_keys`)."""
+        if self.query_kernel is None:
+            raise RuntimeError(f"{type(self).__name__} is used before it was built")
+        if self.projects_keys:
+            raise RuntimeError(f"{type(self).__name__}: no key-space query with an "
+                               "activation; use logits()/candidate_mean_logits()")
+        self.build_keys(int(keys.shape[-1]))
+        projected = tf.einsum("bq,qhd->bhd", query, self.query_kernel)
+        if self.query_bias is not None:
+            projected = projected + self.query_bias
+        scale = tf.cast(self.scale, projected.dtype)
+        key_space = tf.einsum("bhd,khd->bhk", projected, self.key_kernel) * scale
+        if self.key_bias is None:
+            offset = tf.zeros(tf.shape(projected)[:2], projected.dtype)
+        else:
+            offset = tf.reduce_sum(projected * self.key_bias, axis=-1) * scale
+        return key_space, offset
+
+    def _projected(self, query: tf.Tensor, keys: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(φ(W_q q + b_q) · c [..., H, d], φ(W_k k + b_k) [B, K, H, d])``."""
         if self.query_kernel is None:
             raise RuntimeError(f"{type(self).__name__} is used before it was built")
         self.build_keys(int(keys.shape[-1]))
-        projected = tf.einsum("bq,qhd->bhd", query, self.query_kernel)
-        key_space = tf.einsum("bhd,khd->bhk", projected, self.key_kernel)
-        return key_space * tf.cast(1.0 / math.sqrt(self.head_dim), key_space.dtype)
+        projected_query = self.project(query, self.query_kernel, self.query_bias)
+        projected_keys = self.project(keys, self.key_kernel, self.key_bias)
+        return projected_query * tf.cast(self.scale, projected_query.dtype), projected_keys
 
     def call(self, query: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
         query = tf.convert_to_tensor(query)
@@ -139,12 +214,37 @@ class MultiHeadAttentionLogits(tf.keras.layers.Layer):
 
     def logits(self, query: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
         """``a^h_i``: ``[batch, H, K]`` (inputs already checked and cast)."""
-        return tf.einsum("bhe,bke->bhk", self.key_space_query(query, keys), keys)
+        if self.projects_keys:
+            projected_query, projected_keys = self._projected(query, keys)
+            return tf.einsum("bhd,bkhd->bhk", projected_query, projected_keys)
+        key_space, offset = self.key_space_query(query, keys)
+        return tf.einsum("bhe,bke->bhk", key_space, keys) + offset[:, :, tf.newaxis]
 
     def head_mean_logits(self, query: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
-        """``(1/H) Σ_h a^h_i``: ``[batch, K]``, as one matrix-vector product over the keys."""
-        mean_query = tf.reduce_mean(self.key_space_query(query, keys), axis=1)
-        return tf.einsum("be,bke->bk", mean_query, keys)
+        """``(1/H) Σ_h a^h_i``: ``[batch, K]`` (one matrix-vector product over the keys
+        without bias and activation)."""
+        if self.projects_keys:
+            return tf.reduce_mean(self.logits(query, keys), axis=1)
+        key_space, offset = self.key_space_query(query, keys)
+        mean_query = tf.reduce_mean(key_space, axis=1)
+        return (tf.einsum("be,bke->bk", mean_query, keys)
+                + tf.reduce_mean(offset, axis=1)[:, tf.newaxis])
+
+    def candidate_mean_logits(self, query: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
+        """``(1/H) Σ_h a^h_{c,i}`` of C queries per row against that row's keys:
+        ``query`` ``[batch, C, D_q]``, ``keys`` ``[batch, K, D_k]`` → ``[batch, C, K]``; the
+        keys are processed once per row, not once per candidate."""
+        if self.projects_keys:
+            projected_query, projected_keys = self._projected(query, keys)
+            heads = tf.cast(self.num_heads, projected_query.dtype)
+            return tf.einsum("bchd,bkhd->bck", projected_query, projected_keys) / heads
+        flat = tf.reshape(query, [-1, query.shape[-1]])
+        key_space, offset = self.key_space_query(flat, keys)
+        candidates = tf.shape(query)[1]
+        key_space = tf.reshape(tf.reduce_mean(key_space, axis=1),
+                               [-1, candidates, keys.shape[-1]])
+        offset = tf.reshape(tf.reduce_mean(offset, axis=1), [-1, candidates])
+        return tf.einsum("bce,bke->bck", key_space, keys) + offset[:, :, tf.newaxis]
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -153,5 +253,9 @@ class MultiHeadAttentionLogits(tf.keras.layers.Layer):
             "head_dim": self.head_dim,
             "key_dim": self.key_dim,
             "kernel_initializer": tf.keras.initializers.serialize(self.kernel_initializer),
+            "use_bias": self.use_bias,
+            "activation": self.activation,
+            "scaled": self.scaled,
+            "bias_initializer": tf.keras.initializers.serialize(self.bias_initializer),
         })
         return config

@@ -8,6 +8,9 @@ import tensorflow as tf
 
 from muse_tf.layers.checks import check_float, check_rank
 
+#: Dice's normalisations (see the class docstring).
+NORMALIZATIONS = ("batch", "layer")
+
 
 @tf.keras.utils.register_keras_serializable(package="muse_tf")
 class Dice(tf.keras.layers.Layer):
@@ -15,10 +18,17 @@ class Dice(tf.keras.layers.Layer):
 
     ``p(s) = sigmoid((s − E[s]) / sqrt(Var[s] + ε))``, ``f(s) = p(s) · s + (1 − p(s)) · α · s``
 
-    with a learned ``α`` per unit (initialised to 0, so Dice starts as a soft,
-    data-centred gate between ``s`` and 0). ``E[s]`` and ``Var[s]`` are the mini-batch mean and
-    (biased) variance per unit in training and their moving averages in inference, kept by a
-    non-centring, non-scaling batch normalisation (``center=False, scale=False``).
+    with a learned ``α`` per unit. Two normalisations:
+
+    * ``normalization="batch"`` (DIN; the layer's default): ``E[s]``, ``Var[s]`` are the
+      mini-batch mean and (biased) variance per unit in training and their moving averages in
+      inference, kept by a non-centring, non-scaling batch normalisation;
+    * ``normalization="layer"`` (the official MUSE tower, "LayerNorm-Dice"): the mean and
+      variance over the units of each example (a non-affine layer normalisation), the same in
+      training and inference.
+
+    ``α`` starts at 0 by default (a soft, data-centred gate between ``s`` and 0); the official
+    MUSE code starts it at -0.25.
 
     Call args:
       inputs: float ``[batch, units]``.
@@ -29,12 +39,14 @@ class Dice(tf.keras.layers.Layer):
 
     Args:
       epsilon: ε (DIN uses 1e-8).
-      momentum: momentum of the moving mean / variance.
+      momentum: momentum of the moving mean / variance (``"batch"`` only).
       alpha_initializer: initializer of ``α``.
+      normalization: ``"batch"`` or ``"layer"``.
     """
 
     def __init__(self, epsilon: float = 1e-8, momentum: float = 0.99,
-                 alpha_initializer: Any = "zeros", **kwargs: Any) -> None:
+                 alpha_initializer: Any = "zeros", normalization: str = "batch",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not epsilon > 0:
             raise ValueError(f"Dice: `epsilon` must be > 0, got {epsilon!r}")
@@ -43,9 +55,18 @@ class Dice(tf.keras.layers.Layer):
         self.epsilon = float(epsilon)
         self.momentum = float(momentum)
         self.alpha_initializer = tf.keras.initializers.get(alpha_initializer)
-        self.normalization = tf.keras.layers.BatchNormalization(
-            axis=-1, momentum=self.momentum, epsilon=self.epsilon, center=False, scale=False,
-            dtype=self.dtype_policy, name="normalization")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"Dice: `normalization` must be one of {NORMALIZATIONS}, got "
+                             f"{normalization!r}")
+        self.normalization_kind = normalization
+        if normalization == "layer":
+            self.normalization = tf.keras.layers.LayerNormalization(
+                axis=-1, epsilon=self.epsilon, center=False, scale=False,
+                dtype=self.dtype_policy, name="normalization")
+        else:
+            self.normalization = tf.keras.layers.BatchNormalization(
+                axis=-1, momentum=self.momentum, epsilon=self.epsilon, center=False,
+                scale=False, dtype=self.dtype_policy, name="normalization")
 
     def build(self, input_shape: tf.TensorShape) -> None:
         input_shape = tf.TensorShape(input_shape)
@@ -71,5 +92,6 @@ class Dice(tf.keras.layers.Layer):
             "epsilon": self.epsilon,
             "momentum": self.momentum,
             "alpha_initializer": tf.keras.initializers.serialize(self.alpha_initializer),
+            "normalization": self.normalization_kind,
         })
         return config

@@ -32,6 +32,11 @@ class MultimodalGSU(GeneralSearchUnit):
     * without: ``history["mm"]`` float ``[B, L, D]`` normalised vectors; the caller folds
       "has an embedding" into ``mask``.
 
+    A target without a multimodal embedding (an all-zero vector: every cosine would be 0 and
+    the tie rule would pick the *oldest* K) selects the **newest** K selectable behaviours
+    instead, with scores 0: recency is the sane fallback when content says nothing (the
+    official code's choice among all-equal scores is unspecified).
+
     Call args:
       target: ``{"mm": float [B, D] or [B, C, D]}`` normalised multimodal vectors.
       history: ``{"rows": int32 [B, L]}`` (with ``table``) or ``{"mm": float [B, L, D]}``.
@@ -39,7 +44,7 @@ class MultimodalGSU(GeneralSearchUnit):
 
     Returns:
       ``{"indices": int32 [B, (C,) K], "scores": float32, "mask": bool}`` (ties: lower
-      position first).
+      position first; newest first for a target without an embedding).
 
     Args:
       top_k: K, the number of behaviours to retrieve (default 50, as in the paper).
@@ -59,6 +64,21 @@ class MultimodalGSU(GeneralSearchUnit):
                              f"got {type(table).__name__}")
         self.table = table
         self.history_keys = (ROWS,) if table is not None else (MM,)
+
+    def call(self, target: Mapping[str, tf.Tensor], history: Mapping[str, tf.Tensor],
+             mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+        target, history, mask = self.check_inputs(target, history, mask)
+        scores, mask = self.relevance(target, history, mask)
+        has_target = tf.reduce_any(tf.not_equal(target[MM], 0), axis=-1)[..., tf.newaxis]
+        # Without a target vector, rank by position (right-padded, oldest first: a higher
+        # position is newer), then report cosines (all 0) as the scores.
+        positions = tf.cast(tf.range(tf.shape(scores)[-1]), scores.dtype)
+        ranking = tf.where(has_target, scores, tf.broadcast_to(positions, tf.shape(scores)))
+        selection = self.select(ranking, mask)
+        picked = tf.gather(scores, selection["indices"], batch_dims=scores.shape.rank - 1)
+        selection["scores"] = tf.where(selection["mask"] & has_target,
+                                       tf.cast(picked, tf.float32), 0.0)
+        return selection
 
     def relevance(self, target: Mapping[str, tf.Tensor], history: Mapping[str, tf.Tensor],
                   mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -22,9 +22,17 @@ class TargetAttention(tf.keras.layers.Layer):
     * ``w^h_i = softmax_i(a^h_i)`` over the valid keys only (:func:`masked_softmax`);
     * ``o^h = Σ_i w^h_i · W_v^h k_i``;
 
-    output ``[o^1; …; o^H]``. Projections have no bias, so a row with no valid key outputs
-    exactly zeros (no NaN). The pooled sum is computed as ``W_v^h (Σ_i w^h_i k_i)``, the same
-    value with one projection per head instead of one per key.
+    output ``[o^1; …; o^H]``; a row with no valid key outputs exactly zeros (no NaN).
+
+    Two projection styles (the options of :class:`MultiHeadAttentionLogits`):
+
+    * linear (the layer's defaults: no bias, logits scaled by ``1/sqrt(d)``; or with biases,
+      unscaled, the official short-term attention): the pooled sum is computed as
+      ``W_v^h (Σ_i w^h_i k_i) + b_v^h Σ_i w^h_i``, one projection per head instead of one per
+      key;
+    * ``activation="silu"`` (the official MUSE code's SA-TA: one head,
+      ``Linear`` + SiLU for query, keys and values, unscaled): ``o^h = Σ_i w^h_i
+      φ(W_v^h k_i + b_v^h)``, every key projected.
 
     Subclasses change the logits and reuse the rest: :meth:`attention_logits` gives
     ``a^h_i`` ``[batch, H, K]`` and :meth:`pool` turns any logits into the output (see
@@ -43,6 +51,8 @@ class TargetAttention(tf.keras.layers.Layer):
       head_dim: d, the size of each head's query/key/value projection.
       key_dim: D_k; inferred from ``keys`` on the first call when None.
       kernel_initializer: initializer of ``W_q``, ``W_k`` and ``W_v``.
+      use_bias, activation, scaled, bias_initializer: the projection style (above; the
+        same for query, keys and values).
     """
 
     def __init__(
@@ -51,6 +61,10 @@ class TargetAttention(tf.keras.layers.Layer):
         head_dim: int,
         key_dim: int | None = None,
         kernel_initializer: Any = "glorot_uniform",
+        use_bias: bool = False,
+        activation: str | None = None,
+        scaled: bool = True,
+        bias_initializer: Any = "zeros",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -61,9 +75,11 @@ class TargetAttention(tf.keras.layers.Layer):
         self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)
         self.logits_layer = MultiHeadAttentionLogits(
             self.num_heads, self.head_dim, key_dim=self.key_dim,
-            kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy,
-            name="attention_logits")
+            kernel_initializer=self.kernel_initializer, use_bias=use_bias,
+            activation=activation, scaled=scaled, bias_initializer=bias_initializer,
+            dtype=self.dtype_policy, name="attention_logits")
         self.value_kernel: tf.Variable | None = None
+        self.value_bias: tf.Variable | None = None
 
     def build(self, query_shape: tf.TensorShape) -> None:
         # Already built when a TWIN search (AttentionGSU) shares these logits and ran first.
@@ -81,6 +97,10 @@ class TargetAttention(tf.keras.layers.Layer):
             self.value_kernel = self.add_weight(
                 "value_kernel", shape=(key_dim, self.num_heads, self.head_dim),
                 initializer=fresh_initializer(self.kernel_initializer, 2))
+            if self.logits_layer.use_bias:
+                self.value_bias = self.add_weight(
+                    "value_bias", shape=(self.num_heads, self.head_dim),
+                    initializer=self.logits_layer.bias_initializer)
         self.key_dim = key_dim
 
     def _prepare(self, query: tf.Tensor, keys: tf.Tensor,
@@ -103,8 +123,15 @@ class TargetAttention(tf.keras.layers.Layer):
         ``W_v^h k_i``, heads concatenated: ``[batch, H * head_dim]``."""
         self._build_values(int(keys.shape[-1]))
         weights = masked_softmax(logits, mask[:, tf.newaxis, :], axis=-1)
+        if self.logits_layer.projects_keys:
+            values = self.logits_layer.project(keys, self.value_kernel, self.value_bias)
+            heads = tf.einsum("bhk,bkhd->bhd", weights, values)
+            return tf.reshape(heads, [-1, self.num_heads * self.head_dim])
         pooled_keys = tf.einsum("bhk,bke->bhe", weights, keys)
         heads = tf.einsum("bhe,ehd->bhd", pooled_keys, self.value_kernel)
+        if self.value_bias is not None:
+            # Σ_i w_i (W_v k_i + b_v) = W_v Σ_i w_i k_i + b_v Σ_i w_i (0 for an empty row).
+            heads = heads + tf.reduce_sum(weights, axis=-1)[:, :, tf.newaxis] * self.value_bias
         return tf.reshape(heads, [-1, self.num_heads * self.head_dim])
 
     def call(self, query: tf.Tensor, keys: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
@@ -118,5 +145,10 @@ class TargetAttention(tf.keras.layers.Layer):
             "head_dim": self.head_dim,
             "key_dim": self.key_dim,
             "kernel_initializer": tf.keras.initializers.serialize(self.kernel_initializer),
+            "use_bias": self.logits_layer.use_bias,
+            "activation": self.logits_layer.activation,
+            "scaled": self.logits_layer.scaled,
+            "bias_initializer":
+                tf.keras.initializers.serialize(self.logits_layer.bias_initializer),
         })
         return config

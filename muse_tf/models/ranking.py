@@ -4,11 +4,23 @@ Structure (config chooses the long-term GSU and the ESU parts; all else is share
 
     raw ids ──IdLookup──► rows ──► ID embeddings (item ⊕ category, user/item attributes)
                                └─► frozen multimodal vectors (L2-normalised SCL)
-    short-term path:  target attention over the newest ``short_term_len`` behaviours
+    short-term path:  target attention over the newest ``short_term_len`` behaviours, their
+                      mean ID embedding, and (``short_term_simtier``) SimTier of their
+                      multimodal cosines to the target
     long-term path:   GSU (muse_tf.models.search_units, by ``model.gsu``) over the whole
                       lifelong history -> top-K positions; ESU over the K retrieved:
-                      TA | SA-TA, and/or SimTier on their multimodal cosines R to the target
-    tower:            MLP (Dice) over [target, attributes, short-term, long-term] -> sigmoid
+                      TA | SA-TA, and/or SimTier on their multimodal cosines R to the target;
+                      (``retrieved_mean``) their mean ID embedding
+    tower:            MLP (Dice) over [target, item/user attributes, user id, short-term,
+                      long-term] -> sigmoid
+
+Defaults follow the official MUSE code (alimama-tech/MUSE, ``model/muse.py``): one-head
+SiLU SA-TA with temperature 0.1 on R and gates 1, SimTier of width-0.1 tiers with one weight
+each on both paths, a 256-128-64 LayerNorm-Dice tower, truncated-normal(0.001) embeddings.
+Deviations kept on purpose: padded and embedding-less behaviours are masked everywhere (the
+official code counts their cosine 0 in SimTier and averages padding zeros into the means);
+a target without a multimodal embedding gets no SimTier counts and R = 0 and its search
+falls back to the newest K behaviours.
 
 Inputs (the reader's batch dict, see :mod:`muse_tf.schema`): context ids int64 ``[B]``,
 right-padded behaviour ids/categories int64 ``[B, L]``, ``hist_len`` int32 ``[B]``.
@@ -76,26 +88,36 @@ class RankingModel(TwoOptimizerModel):
             vocabularies, config.id_embedding_dim, mm_dim=self.mm_dim,
             short_term_len=config.short_term_len,
             use_user_attributes=config.use_user_attributes,
-            use_item_attributes=config.use_item_attributes, mm_table=mm_table,
-            name="features")
+            use_item_attributes=config.use_item_attributes, use_user_id=config.use_user_id,
+            mm_table=mm_table, embeddings_initializer=_embedding_initializer(config),
+            embedding_dims=_user_attribute_dims(config), name="features")
         self.mm_table = self.features.mm_table
 
+        short_style, long_style = _attention_styles(config)
         heads = dict(num_heads=config.num_heads, head_dim=config.head_dim)
-        self.short_term_attention = TargetAttention(**heads, name="short_term_attention")
+        self.short_term_attention = TargetAttention(**heads, **short_style,
+                                                    name="short_term_attention")
         esu = set(config.esu)
         long_term = config.gsu != NO_SEARCH
         self.long_term_attention: TargetAttention | None = None
         if long_term and "sa_ta" in esu:
-            self.long_term_attention = SemanticAwareTargetAttention(**heads,
-                                                                    name="long_term_sa_ta")
+            g1, g2, g3 = config.sa_ta_gates
+            self.long_term_attention = SemanticAwareTargetAttention(
+                **heads, **long_style, id_gate_init=g1, similarity_gate_init=g2,
+                interaction_gate_init=g3,
+                semantic_temperature_init=config.sa_ta_temperature or None,
+                name="long_term_sa_ta")
         elif long_term and "ta" in esu:
-            self.long_term_attention = TargetAttention(**heads, name="long_term_attention")
+            self.long_term_attention = TargetAttention(**heads, **long_style,
+                                                       name="long_term_attention")
         self.gsu = build_search_unit(SearchContext(config, self.mm_table,
                                                    self.long_term_attention))
-        self.simtier = (SimTier(config.num_tiers, config.tier_dim, name="simtier")
+        self.simtier = (_simtier(config, "simtier")
                         if long_term and "simtier" in esu else None)
+        self.short_term_simtier = (_simtier(config, "short_term_simtier")
+                                   if config.short_term_simtier else None)
         self.tower = MLPTower(config.tower_units, activation=config.tower_activation,
-                              dropout=config.dropout, name="tower")
+                              dropout=config.dropout, **_tower_style(config), name="tower")
         # SUM reduction, divided by the global batch in compute_loss: the same mean loss on
         # one device and under tf.distribute (gradients are summed across replicas).
         self.task = tfrs.tasks.Ranking(
@@ -163,31 +185,39 @@ class RankingModel(TwoOptimizerModel):
             parts.append(flatten_candidates(features_layer.item_attributes(candidates)))
         if config.use_user_attributes:
             parts.append(per_candidate(features_layer.user_attributes(features)))
+        if config.use_user_id:
+            parts.append(per_candidate(features_layer.user_id_embedding(features)))
+        target_side = _Target(self.mm_table, target, target_all_rows,
+                              candidates[schema.ITEM_CATEGORY.name])
 
-        # Short-term path: target attention over the newest behaviours (shared by all).
+        # Short-term path over the newest behaviours (shared by all candidates).
         positions, in_range = newest_positions(history["lengths"], config.short_term_len)
         short_mask = in_range & tf.gather(valid, positions, batch_dims=1)
+        short_rows = tf.gather(history["rows"], positions, batch_dims=1)        # [B, S]
         short = features_layer.behaviour_embedding(
-            tf.gather(history["rows"], positions, batch_dims=1),
-            tf.gather(history["category_rows"], positions, batch_dims=1))       # [B, S, 2E]
+            short_rows, tf.gather(history["category_rows"], positions, batch_dims=1))
         parts.append(self.short_term_attention(flat_target, per_candidate(short),
                                                per_candidate(short_mask)))
-        parts.append(flat_target * per_candidate(masked_mean(short, short_mask)))
+        parts.append(per_candidate(masked_mean(short, short_mask)))             # [B*C, 2E]
+        if self.short_term_simtier is not None:
+            cosines = tf.einsum("bcd,bsd->bcs", target_side.mm, self.mm_table(short_rows))
+            has_mm = (short_mask & self.mm_table.has_embedding(short_rows))[:, tf.newaxis, :]
+            parts.append(self.short_term_simtier(
+                flatten_candidates(cosines),
+                flatten_candidates(has_mm & target_side.has_mm[:, :, tf.newaxis])))
 
         if self.gsu is not None:
-            parts += self._long_term(candidates, target, target_all_rows,
-                                     _History(features_layer, history), valid)
+            parts += self._long_term(target_side, _History(features_layer, history), valid)
         logits = self.tower(tf.concat(parts, axis=-1), training=training)        # [B*C, 1]
         return tf.sigmoid(tf.reshape(logits, [-1, num_candidates]))
 
-    def _long_term(self, candidates: dict[str, tf.Tensor], target: tf.Tensor,
-                   target_all_rows: tf.Tensor, history: _History,
+    def _long_term(self, target: _Target, history: _History,
                    valid: tf.Tensor) -> list[tf.Tensor]:
         """GSU over the lifelong history (per user, C candidates at once), then the ESU parts
         over each candidate's K retrieved behaviours. Returns ``[B*C, ...]`` tensors."""
-        target_mm = self.mm_table(target_all_rows)                              # [B, C, D]
-        target_side = {ID: target, MM: target_mm,
-                       CATEGORY: candidates[schema.ITEM_CATEGORY.name]}
+        target_side = {ID: target.id, CATEGORY: target.category}
+        if MM in self.gsu.target_keys:
+            target_side[MM] = target.mm
         if MM in self.gsu.history_keys:
             # A search over the history's vectors selects only behaviours that have one (a
             # table-backed search masks them itself).
@@ -201,17 +231,18 @@ class RankingModel(TwoOptimizerModel):
         retrieved = flatten_candidates(self.features.behaviour_embedding(
             rows, tf.gather(history.category_rows, indices, batch_dims=1)))     # [B*C, K, 2E]
         flat_rows = flatten_candidates(rows)
-        # R: multimodal cosine of each retrieved behaviour to the target (0 where missing);
-        # the search's own scores when they are that similarity (no second gather).
-        has_mm = self.mm_table.has_embedding(flat_rows) & selected
+        # R: multimodal cosine of each retrieved behaviour to the target (0 where either has
+        # no vector); the search's own scores when they are that similarity (no second gather).
+        has_mm = (self.mm_table.has_embedding(flat_rows) & selected
+                  & flatten_candidates(target.has_mm)[:, tf.newaxis])
         if self.gsu.scores_are_similarity:
             relevance = flatten_candidates(selection["scores"])
         else:
-            relevance = tf.einsum("nd,nkd->nk", flatten_candidates(target_mm),
+            relevance = tf.einsum("nd,nkd->nk", flatten_candidates(target.mm),
                                   self.mm_table(flat_rows))
         relevance = tf.where(has_mm, relevance, 0.0)
 
-        flat_target = flatten_candidates(target)
+        flat_target = flatten_candidates(target.id)
         out = []
         if isinstance(self.long_term_attention, SemanticAwareTargetAttention):
             out.append(self.long_term_attention(flat_target, retrieved, relevance, selected))
@@ -219,6 +250,8 @@ class RankingModel(TwoOptimizerModel):
             out.append(self.long_term_attention(flat_target, retrieved, selected))
         if self.simtier is not None:
             out.append(self.simtier(relevance, has_mm))
+        if self.config.retrieved_mean:
+            out.append(masked_mean(retrieved, selected))                        # [B*C, 2E]
         return out
 
     # ------------------------------------------------------------------ training
@@ -229,6 +262,73 @@ class RankingModel(TwoOptimizerModel):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         global_batch = tf.cast(tf.shape(labels)[0] * replicas, loss.dtype)
         return loss / tf.maximum(global_batch, 1.0)
+
+
+def _embedding_initializer(config: ModelConfig) -> tf.keras.initializers.Initializer:
+    if config.embedding_init == "truncated_normal":
+        return tf.keras.initializers.TruncatedNormal(stddev=config.embedding_init_std)
+    return tf.keras.initializers.RandomNormal(stddev=config.embedding_init_std)
+
+
+def _user_attribute_dims(config: ModelConfig) -> dict[str, int]:
+    """Vocabulary -> size of the user attributes' embeddings (official: E, E, E/2, E/2, E/2)."""
+    dim = config.id_embedding_dim
+    dims = config.user_attribute_dims or [dim, dim] + [max(dim // 2, 1)] * 3
+    return {f.vocabulary: d for f, d in zip(schema.USER_ATTRIBUTES, dims, strict=True)}
+
+
+#: The official code's Linear initialisation: N(0, 1/fan_in) weights, biases 0.1.
+_OFFICIAL_KERNEL = {"class_name": "VarianceScaling",
+                    "config": {"scale": 1.0, "mode": "fan_in",
+                               "distribution": "untruncated_normal"}}
+_OFFICIAL_BIAS = {"class_name": "Constant", "config": {"value": 0.1}}
+
+
+def _attention_styles(config: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Projection options of the short-term and the long-term attention."""
+    if config.attention == "scaled":
+        return {}, {}
+    official = dict(use_bias=True, scaled=False, kernel_initializer=_OFFICIAL_KERNEL,
+                    bias_initializer=_OFFICIAL_BIAS)
+    # Official: linear projections in the short-term attention, SiLU ones in SA-TA.
+    return official, {**official, "activation": "silu"}
+
+
+def _tower_style(config: ModelConfig) -> dict[str, Any]:
+    if config.tower_style == "batch":
+        return {}
+    return dict(dice_normalization="layer", dice_alpha=-0.25,
+                kernel_initializer=_OFFICIAL_KERNEL, bias_initializer=_OFFICIAL_BIAS)
+
+
+def _simtier(config: ModelConfig, name: str) -> SimTier:
+    initializer = ({"class_name": "RandomUniform", "config": {"minval": 0.0, "maxval": 1.0}}
+                   if config.simtier_binning == "ceil" else "glorot_uniform")
+    return SimTier(config.num_tiers, config.tier_dim, embeddings_initializer=initializer,
+                   binning=config.simtier_binning, name=name)
+
+
+class _Target:
+    """The candidates' side of a search: ID embeddings ``[B, C, 2E]``, multimodal vectors
+    ``[B, C, D]`` (built on first use), whether they have one ``[B, C]``, raw categories."""
+
+    def __init__(self, table: Any, id_embedding: tf.Tensor, rows: tf.Tensor,
+                 category: tf.Tensor) -> None:
+        self._table = table
+        self.id = id_embedding
+        self.rows = rows
+        self.category = category
+        self._mm: tf.Tensor | None = None
+
+    @property
+    def mm(self) -> tf.Tensor:
+        if self._mm is None:
+            self._mm = self._table(self.rows)
+        return self._mm
+
+    @property
+    def has_mm(self) -> tf.Tensor:
+        return self._table.has_embedding(self.rows)
 
 
 class _History:

@@ -63,8 +63,9 @@ SEARCH_UNITS: dict[str, Callable[[SearchContext], GeneralSearchUnit]] = {
                                           name="gsu_multimodal"),
     # SIM-hard: behaviours of the target's category, newest first.
     "category": lambda c: CategoryGSU(c.config.top_k, name="gsu_category"),
-    # SIM-soft: inner product of ID embeddings.
-    "id": lambda c: IdEmbeddingGSU(c.config.top_k, name="gsu_id"),
+    # SIM-soft: cosine (official MUSE code) or inner product (SIM) of ID embeddings.
+    "id": lambda c: IdEmbeddingGSU(c.config.top_k, similarity=c.config.id_gsu_similarity,
+                                   name="gsu_id"),
     # TWIN: the ESU's own attention logits as the search (one set of weights).
     "attention": _twin,
     # Table 2: learned projection before the multimodal similarity.

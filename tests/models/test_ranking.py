@@ -16,7 +16,8 @@ from muse_tf.models.factory import build_ranking_model
 SMALL = ["model.top_k=4", "model.short_term_len=3", "model.num_tiers=4",
          "model.tower_units=[8]", "model.head_dim=4"]
 GSU_EXPERIMENTS = ["muse", "din", "sim_hard", "sim_soft", "twin", "miss",
-                   "ablation_gsu_projected", "ablation_gsu_plus_id", "ablation_esu_simtier"]
+                   "ablation_gsu_projected", "ablation_gsu_plus_id", "ablation_esu_simtier",
+                   "muse_v1", "din_ta", "sim_hard_ta", "twin_ta"]
 
 
 def test_history_mask_and_newest_positions_exact():
@@ -235,3 +236,57 @@ def test_config_round_trip_rebuilds_the_model(name, tiny_data_dir, tmp_path):
     clone.set_weights(model.get_weights())
     np.testing.assert_allclose(clone(batch).numpy(), expected, rtol=1e-6)
     assert clone.get_config() == model.get_config()
+
+
+@pytest.mark.parametrize("name", ["din", "sim_hard", "sim_soft", "twin", "miss"])
+def test_official_style_baselines_keep_muses_esu_and_change_only_the_search(
+        name, tiny_data_dir, tmp_path):
+    from muse_tf.layers import SemanticAwareTargetAttention, SimTier
+
+    model, batch = _model_and_batch(name, tiny_data_dir, str(tmp_path))
+    muse, _ = _model_and_batch("muse", tiny_data_dir, str(tmp_path / "muse"))
+    model(batch)
+    # The short-term path (target attention + multimodal SimTier) is MUSE's in every one.
+    assert isinstance(model.short_term_simtier, SimTier)
+    if name == "din":  # no lifelong search at all
+        assert model.gsu is None and model.long_term_attention is None and model.simtier is None
+    else:
+        assert isinstance(model.long_term_attention, SemanticAwareTargetAttention)
+        assert isinstance(model.simtier, SimTier)
+        assert type(model.gsu) is not type(muse.gsu)
+    gates = (model.long_term_attention.effective_gates().numpy()
+             if model.long_term_attention is not None else None)
+    if gates is not None:
+        np.testing.assert_allclose(gates[:, 0], [1.0, 10.0, 10.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["din_ta", "sim_hard_ta", "sim_soft_ta", "twin_ta", "miss_ta"])
+def test_original_baselines_use_id_target_attention_and_no_simtier(name, tiny_data_dir,
+                                                                  tmp_path):
+    from muse_tf.layers import SemanticAwareTargetAttention
+
+    model, batch = _model_and_batch(name, tiny_data_dir, str(tmp_path))
+    assert np.isfinite(model(batch).numpy()).all()
+    assert model.simtier is None and model.short_term_simtier is None
+    assert not isinstance(model.long_term_attention, SemanticAwareTargetAttention)
+    assert (model.long_term_attention is None) == (name == "din_ta")
+
+
+def test_targets_without_a_multimodal_vector_fall_back_to_the_newest_behaviours(
+        tiny_data_dir, tmp_path):
+    model, batch = _model_and_batch("muse", tiny_data_dir, str(tmp_path))
+    unknown = dict(batch)
+    unknown[schema.ITEM_ID.name] = tf.fill(tf.shape(batch[schema.ITEM_ID.name]),
+                                           tf.constant(987654321987, tf.int64))
+    assert np.isfinite(model(unknown).numpy()).all()
+    rows = model.features.item_lookup.lookup_all(unknown[schema.ITEM_ID.name])
+    assert not model.mm_table.has_embedding(rows).numpy().any()
+    history = model.features.encode_history(unknown, parts=())
+    selection = model.gsu({"mm": model.mm_table(rows)}, {"rows": history["rows"]},
+                          history["valid"] & model.mm_table.has_embedding(history["rows"]))
+    # Newest first: selected positions decrease along K.
+    indices, mask = selection["indices"].numpy(), selection["mask"].numpy()
+    for row, keep in zip(indices, mask, strict=True):
+        picked = row[keep]
+        assert (np.diff(picked) < 0).all()
+    np.testing.assert_array_equal(selection["scores"].numpy(), 0.0)
