@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m muse_tf.bench data|train|gsu|serving|scann|all [options]``.
+"""Benchmarks: ``python -m muse_tf.bench data|train|gsu|serving|scann|optimizer|all [options]``.
 
 Every figure is measured in the same run as the figure it is compared with (medians over
 repeats; ratios printed beside them), because the machines here are shared and noisy.
@@ -15,6 +15,10 @@ repeats; ratios printed beside them), because the machines here are shared and n
   concurrent clients (target: p99 <= 50 ms for C = 100, L = 1,000, one client).
 * ``scann``: ScaNN vs brute-force top-100 over a synthetic 1M-item catalogue (overlap and
   queries/s; target: overlap >= 0.95 at >= 5x the brute-force queries/s).
+* ``optimizer``: one step of the embeddings' ``LazyAdam`` beside tf-keras ``Adam`` on one
+  16-d table updated from a ``--batch-size`` x ``--ids-per-example`` (256 x 1,051) id batch,
+  at ``--rows`` (10K and 10M) vocabulary rows: ms/step (median of ``--optimizer-steps``), the
+  ratio and the bytes each touches per step.
 """
 
 from __future__ import annotations
@@ -119,7 +123,9 @@ def bench_train(data_dir: str | None, experiments: Sequence[str], steps: int,
                                       shuffle=True, repeat=True, drop_remainder=True)
         model = build_ranking_model(config, data_dir, os.path.join(work_dir, name))
         model.compile_with_learning_rates(config.train.embedding_learning_rate,
-                                          config.train.dense_learning_rate)
+                                          config.train.dense_learning_rate,
+                                          embedding_optimizer=config.train.embedding_optimizer,
+                                          dense_weight_decay=config.train.dense_weight_decay)
         iterator = iter(dataset)
         model.build_for(next(iterator))
         model.fit(iterator, steps_per_epoch=5, epochs=1, verbose=0)  # trace + warm up
@@ -250,11 +256,74 @@ def bench_serving(work_dir: str, lengths: Sequence[int], data_dir: str | None = 
     return rows
 
 
+# ----------------------------------------------------------------------------- optimizer
+def _optimizer_row(name: str, make: Callable[[], tf.keras.optimizers.Optimizer], rows: int,
+                   dim: int, batches: Sequence[tuple[tf.Tensor, tf.Tensor]],
+                   steps: int) -> dict[str, Any]:
+    """ms/step of ``make()`` on a fresh ``[rows, dim]`` table, the sparse gradients cycling
+    through ``batches`` (``(indices [K], values [K, dim])``)."""
+    table = tf.Variable(tf.random.uniform((rows, dim), -0.05, 0.05), name="table")
+    optimizer = make()
+    optimizer.build([table])
+
+    @tf.function
+    def step(indices: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+        gradient = tf.IndexedSlices(values, indices, tf.constant([rows, dim], tf.int64))
+        return optimizer.apply_gradients([(gradient, table)])
+
+    turn = [0]
+
+    def one_step() -> None:
+        indices, values = batches[turn[0] % len(batches)]
+        turn[0] += 1
+        step(indices, values).numpy()
+
+    seconds = _median_seconds(one_step, steps, warmup=2)
+    unique = round(statistics.mean(int(tf.size(tf.unique(i)[0])) for i, _ in batches))
+    return {"optimizer": name, "rows": rows, "unique_ids": unique, "ms_per_step": 1e3 * seconds}
+
+
+def bench_optimizer(rows: Sequence[int], steps: int, batch_size: int = 256,
+                    ids_per_example: int = 1051, dim: int = 16) -> list[dict[str, Any]]:
+    """LazyAdam vs tf-keras Adam, one sparse step of one ``[rows, dim]`` float32 table from a
+    batch of ``batch_size * ids_per_example`` uniformly drawn ids (repeats included)."""
+    from muse_tf.training.optimizers import LazyAdam
+
+    rng = np.random.default_rng(0)
+    ids = batch_size * ids_per_example
+    out = []
+    for num_rows in rows:
+        batches = [(tf.constant(rng.integers(0, num_rows, ids), tf.int64),
+                    tf.constant(rng.standard_normal((ids, dim), dtype=np.float32)))
+                   for _ in range(3)]
+        lazy = _optimizer_row("lazy_adam", lambda: LazyAdam(1e-3), num_rows, dim, batches,
+                              steps)
+        adam = _optimizer_row("adam", lambda: tf.keras.optimizers.Adam(1e-3), num_rows, dim,
+                              batches, steps)
+        row_bytes = 4 * dim
+        gradient_bytes = ids * (row_bytes + 8)  # K ids and K x dim values, read and merged
+        for row in (lazy, adam):
+            # At least: LazyAdam gathers and scatters U rows of the table and of both slots;
+            # Adam reads and writes the whole table and both slots (its temporaries and
+            # scatter-adds come on top).
+            touched = gradient_bytes + 3 * 2 * row_bytes * (
+                row["unique_ids"] if row is lazy else num_rows)
+            row["MB_touched"] = touched / 1e6
+            row["GB_per_s"] = touched / 1e9 / (row["ms_per_step"] / 1e3)
+        lazy["adam_over_lazy"] = adam["ms_per_step"] / lazy["ms_per_step"]
+        adam["adam_over_lazy"] = lazy["adam_over_lazy"]
+        out += [lazy, adam]
+    _print(f"optimizer: one sparse step of a {dim}-d table from {batch_size} x "
+           f"{ids_per_example} ids (median of {steps} steps)", out)
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m muse_tf.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["data", "train", "gsu", "serving", "scann", "all"])
+    parser.add_argument("what", choices=["data", "train", "gsu", "serving", "scann",
+                                         "optimizer", "all"])
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--seq-len", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
@@ -264,6 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lengths", default="1000,10000,100000")
     parser.add_argument("--scann-items", type=int, default=1_000_000)
+    parser.add_argument("--rows", default="10000,10000000",
+                        help="`optimizer`: vocabulary sizes of the embedding table")
+    parser.add_argument("--ids-per-example", type=int, default=1051,
+                        help="`optimizer`: ids of one example (the batch is --batch-size x this)")
+    parser.add_argument("--optimizer-steps", type=int, default=7,
+                        help="`optimizer`: timed steps (after 2 warm-up steps) per optimizer")
     parser.add_argument("--work-dir", help="scratch directory (default: a temporary one)")
     parser.add_argument("--json", help="also write all figures to this JSON file")
     args = parser.parse_args(argv)
@@ -288,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = scann_vs_brute_force(num_items=args.scann_items)
         _print("scann: ScaNN vs brute force, top-100", [row])
         results["scann"] = row
+    if args.what in ("optimizer", "all"):
+        results["optimizer"] = bench_optimizer([int(x) for x in args.rows.split(",") if x],
+                                               args.optimizer_steps, args.batch_size,
+                                               args.ids_per_example)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=float)

@@ -1,8 +1,16 @@
-"""The one train step of every muse_tf model: two Adam optimizers, one for the trainable ID
+"""The one train step of every muse_tf model: two optimizers, one for the trainable ID
 embeddings and one for everything else (the MUSE paper's setting; official code: separate
-learning rates for sparse and dense parameters).
+learning rates for sparse and dense parameters, ``SparseAdam`` for the embeddings and
+``AdamW`` for the rest).
 
-Leaf module (TensorFlow and TFRS only), so models can inherit it without importing runs.
+By default the embeddings are trained by :class:`~muse_tf.training.optimizers.LazyAdam`
+(SparseAdam: only the rows of the batch's ids change, so a step costs O(batch ids × dim), not
+O(vocabulary × dim)) and the dense weights by tf-keras ``AdamW`` (weight decay 0.01, betas
+0.9/0.999, epsilon 1e-8: PyTorch's defaults). ``embedding_optimizer="adam"`` and
+``dense_weight_decay=0`` select the former behaviour (stock tf-keras ``Adam`` for both).
+
+Leaf module (TensorFlow, TFRS and :mod:`muse_tf.training.optimizers` only), so models can
+inherit it without importing runs.
 """
 
 from __future__ import annotations
@@ -12,9 +20,16 @@ from typing import Any
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from muse_tf.training.optimizers import LazyAdam
+
+#: ``embedding_optimizer`` choices of :meth:`TwoOptimizerModel.compile_with_learning_rates`.
+EMBEDDING_OPTIMIZERS = ("lazy_adam", "adam")
+
 
 class TwoOptimizerModel(tfrs.models.Model):
-    """A ``tfrs.models.Model`` trained by ``fit`` with two optimizers.
+    """A ``tfrs.models.Model`` trained by ``fit`` with two optimizers: :attr:`embedding_optimizer`
+    (``LazyAdam`` by default) for :meth:`embedding_variables` and ``optimizer`` (``AdamW`` by
+    default) for every other trainable variable, each with its own learning rate.
 
     Subclasses implement ``compute_loss`` (returning this replica's share of the global mean
     loss, so that gradients summed over replicas are those of the mean) and
@@ -35,15 +50,44 @@ class TwoOptimizerModel(tfrs.models.Model):
         raise NotImplementedError(f"{type(self).__name__} must define embedding_variables()")
 
     def compile_with_learning_rates(self, embedding_learning_rate: float,
-                                    dense_learning_rate: float, **kwargs: Any) -> None:
-        """Adam for the ID embeddings and Adam for everything else, each with its rate."""
+                                    dense_learning_rate: float, *,
+                                    embedding_optimizer: str = "lazy_adam",
+                                    dense_weight_decay: float = 0.01,
+                                    **kwargs: Any) -> None:
+        """Set the two optimizers, each with its learning rate, and ``compile`` (``kwargs``).
+
+        Args:
+          embedding_learning_rate: of the ID embeddings.
+          dense_learning_rate: of every other trainable variable.
+          embedding_optimizer: ``"lazy_adam"`` (default; the official ``SparseAdam``: only the
+            batch's rows and their moments change) or ``"adam"`` (stock tf-keras ``Adam``,
+            which decays the moments of every row each step; the former behaviour).
+          dense_weight_decay: decoupled weight decay of the dense ``AdamW`` (betas
+            0.9/0.999, epsilon 1e-8; default 0.01, the official setting); 0 gives stock
+            tf-keras ``Adam`` (the former behaviour).
+        """
         for name, rate in (("embedding_learning_rate", embedding_learning_rate),
                            ("dense_learning_rate", dense_learning_rate)):
             if not rate > 0:
                 raise ValueError(f"train.{name} must be > 0, got {rate!r}")
-        self.embedding_optimizer = tf.keras.optimizers.Adam(embedding_learning_rate)
+        if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(f"train.embedding_optimizer={embedding_optimizer!r} is not one of "
+                             f"{EMBEDDING_OPTIMIZERS}")
+        if not dense_weight_decay >= 0:
+            raise ValueError(f"train.dense_weight_decay must be >= 0, got "
+                             f"{dense_weight_decay!r}")
+        if embedding_optimizer == "lazy_adam":
+            self.embedding_optimizer = LazyAdam(embedding_learning_rate)
+        else:
+            self.embedding_optimizer = tf.keras.optimizers.Adam(embedding_learning_rate)
+        if dense_weight_decay > 0:
+            dense = tf.keras.optimizers.AdamW(dense_learning_rate,
+                                              weight_decay=dense_weight_decay, beta_1=0.9,
+                                              beta_2=0.999, epsilon=1e-8)
+        else:
+            dense = tf.keras.optimizers.Adam(dense_learning_rate)
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
-        self.compile(optimizer=tf.keras.optimizers.Adam(dense_learning_rate), **kwargs)
+        self.compile(optimizer=dense, **kwargs)
         self.distribute_reduction_method = "first"
 
     def split_variables(self) -> tuple[list[tf.Variable], list[tf.Variable]]:
