@@ -11,11 +11,25 @@
 
 Both towers read one :class:`~muse_tf.embeddings.feature_embeddings.FeatureEmbeddings`
 (shared ID embeddings: a behaviour and a candidate item use the same item-ID row). Training:
-clicked (user, item) pairs, in-batch sampled softmax of :class:`tfrs.tasks.Retrieval` with
-``logits = <u, v> / temperature`` and accidental hits (the same item twice in a batch)
+clicked (user, item) pairs, in-batch sampled softmax of :class:`tfrs.tasks.Retrieval`. The
+batch's B clicked items are its candidates: item ``c`` is one with probability ``q_c``, its
+share of the training clicks, so popular items are over-represented as negatives. The logQ
+correction (Yi et al., RecSys 2019, "Sampling-bias-corrected neural modeling for large corpus
+item recommendations") subtracts ``log q_c`` from every logit of candidate ``c``, which
+removes that popularity bias of the sampled softmax against the full softmax over the
+catalogue; accidental hits (the positive's item again as another row's candidate) are
 removed; the loss is the **mean** over the global batch of each query's cross-entropy::
 
-    loss = -1/B_global Σ_b log softmax_c(<u_b, v_c> / T)[b]     (in-batch candidates c)
+    s_bc = <u_b, v_c> / T - log q_c          (u: [B, D], v: [B, D], q: [B], s: [B, B];
+                                              "- log q_c" only with logq_correction)
+    s_bc = -inf  where item_c == item_b and c != b             (accidental hits)
+    loss = -1/B_global Σ_b log softmax_c(s_b.)[b]
+
+``q`` is a per-example input feature (:data:`CANDIDATE_PROBABILITY`, float32 ``[B]``, the
+probability of the example's own item), looked up in the tf.data pipeline from the exact
+train click counts (:class:`muse_tf.training.retrieval_data.SamplingProbabilities`), never
+estimated from the batch. The correction and the temperature are training-only: retrieval
+scores are ``<u, v>`` (a positive temperature does not change the order).
 
 Retrieval: top-k by dot product over the candidate embeddings of the catalogue with
 :func:`muse_tf.index.brute_force.brute_force_index` (exact, stock ops) or
@@ -40,11 +54,16 @@ from muse_tf.layers.masking import masked_mean
 from muse_tf.layers.search_unit import ID, MM
 from muse_tf.training.step import TwoOptimizerModel
 
-__all__ = ["ItemTower", "TwoTowerModel", "UserTower"]
+__all__ = ["CANDIDATE_PROBABILITY", "DEFAULT_TEMPERATURE", "ItemTower", "TwoTowerModel",
+           "UserTower"]
 
 #: Softmax temperature of the in-batch retrieval loss on L2-normalised tower outputs (best of
-#: 0.05 / 0.1 / 0.2 / 0.35 / 0.6 by test recall@100 on the demo data set).
+#: 0.05 / 0.1 / 0.2 / 0.35 / 0.6 by test recall@100 on the demo data set; with the logQ
+#: correction still the best of 0.05 / 0.1 / 0.2 / 0.35). ``retrieval.temperature`` in runs.
 DEFAULT_TEMPERATURE = 0.2
+#: Training input: float32 ``[B]``, ``q`` of each example's clicked item (the probability that
+#: an in-batch candidate is that item), read by the loss when ``logq_correction`` is on.
+CANDIDATE_PROBABILITY = "candidate_sampling_probability"
 
 
 def _mlp(hidden_units: Sequence[int], output_dim: int, name: str) -> tf.keras.Sequential:
@@ -102,7 +121,8 @@ class TwoTowerModel(TwoOptimizerModel):
 
     :meth:`compute_loss` takes a batch of *clicked* impressions: the user features are the
     query, ``item_id`` the positive candidate; the other items of the batch are the
-    negatives. It returns this replica's share of the global-batch mean loss (the summed
+    negatives (with ``logq_correction``, ``CANDIDATE_PROBABILITY`` holds each item's ``q``).
+    It returns this replica's share of the global-batch mean loss (the summed
     cross-entropy over ``global batch``; on one device the batch mean), the convention of
     :class:`~muse_tf.training.step.TwoOptimizerModel`, which trains it with ``fit`` and two
     optimizers. :meth:`get_config` / :meth:`from_config` rebuild it (the frozen multimodal
@@ -115,13 +135,18 @@ class TwoTowerModel(TwoOptimizerModel):
       vocabularies: model-side vocabularies (or their dict form).
       mm_table: normalised multimodal table (``None`` to restore from weights).
       mm_dim: multimodal embedding size.
-      temperature: softmax temperature of the in-batch loss.
+      temperature: softmax temperature of the in-batch loss (``retrieval.temperature``).
+      logq_correction: subtract ``log q`` of each candidate from its logits (needs
+        ``CANDIDATE_PROBABILITY`` in the training batches); the runs pass
+        ``retrieval.logq_correction`` (default on), the class default is off so that a model
+        saved without the field rebuilds as it was trained.
     """
 
     def __init__(self, config: ModelConfig, tower_dim: int,
                  vocabularies: Mapping[str, Vocabulary | dict],
                  mm_table: np.ndarray | None = None, mm_dim: int = schema.MM_EMBEDDING_DIM,
-                 temperature: float = DEFAULT_TEMPERATURE, **kwargs: Any) -> None:
+                 temperature: float = DEFAULT_TEMPERATURE, logq_correction: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(tower_dim, bool) or not isinstance(tower_dim, int) or tower_dim < 1:
             raise ValueError(f"retrieval.tower_dim must be a positive int, got {tower_dim!r}")
@@ -131,6 +156,7 @@ class TwoTowerModel(TwoOptimizerModel):
         self.tower_dim = tower_dim
         self.mm_dim = int(mm_dim)
         self.temperature = float(temperature)
+        self.logq_correction = bool(logq_correction)
         self.features = FeatureEmbeddings(
             vocabularies, config.id_embedding_dim, mm_dim=mm_dim,
             short_term_len=config.short_term_len,
@@ -150,7 +176,8 @@ class TwoTowerModel(TwoOptimizerModel):
         return {"name": self.name, "model_config": dataclasses.asdict(self.config),
                 "tower_dim": self.tower_dim,
                 "vocabularies": self.features.get_config()["vocabularies"],
-                "mm_dim": self.mm_dim, "temperature": self.temperature}
+                "mm_dim": self.mm_dim, "temperature": self.temperature,
+                "logq_correction": self.logq_correction}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TwoTowerModel:
@@ -169,11 +196,38 @@ class TwoTowerModel(TwoOptimizerModel):
         super().build_for(batch)
 
     def compute_loss(self, inputs: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """This replica's share of the global-batch mean in-batch softmax loss (module
+        docstring): a scalar."""
         item_ids = tf.convert_to_tensor(inputs[schema.ITEM_ID.name])
         queries = self.user_tower(inputs, training=training)
         candidates = self.item_tower(item_ids, training=training)
+        probability = None
+        if self.logq_correction:
+            if CANDIDATE_PROBABILITY not in inputs:
+                raise KeyError(f"{self.name}: logq_correction needs the training batches' "
+                               f"{CANDIDATE_PROBABILITY!r} feature (q of each item, [B])")
+            probability = tf.cast(tf.reshape(inputs[CANDIDATE_PROBABILITY], [-1]),
+                                  candidates.dtype)
+        return self.in_batch_loss(queries, candidates, item_ids, probability, training=training)
+
+    def in_batch_loss(self, queries: tf.Tensor, candidates: tf.Tensor, item_ids: tf.Tensor,
+                      probability: tf.Tensor | None = None, training: bool = False
+                      ) -> tf.Tensor:
+        """The loss of the module docstring on given embeddings: scalar, this replica's share
+        of the global-batch mean (summed cross-entropy / global batch)::
+
+            s = u v^T / T - log q[None, :]      (u: queries [B, D], v: candidates [B, D])
+            loss = -1/B_global Σ_b log softmax(s_b.)[b], accidental hits masked
+
+        Args:
+          queries: float ``[B, D]`` query embeddings (row ``b`` clicked candidate ``b``).
+          candidates: float ``[B, D]`` candidate embeddings.
+          item_ids: int64 ``[B]`` the candidates' items (for the accidental hits).
+          probability: float ``[B]`` ``q`` of each candidate, or None: no correction
+            (``tfrs.tasks.Retrieval`` clips it to ``[1e-6, 1]`` before the log).
+        """
         loss = self.task(queries, candidates, candidate_ids=item_ids, compute_metrics=False,
-                         training=training)
+                         candidate_sampling_probability=probability, training=training)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         global_batch = tf.cast(tf.shape(queries)[0] * replicas, loss.dtype)
         return loss / tf.maximum(global_batch, 1.0)

@@ -12,13 +12,18 @@ Both experiments use the same data and catalogue:
 * **Training** = clicked train impressions (label 1) whose item is in the catalogue, as a
   repeated tf.data pipeline (:mod:`muse_tf.training.retrieval_data`): MISS adds (user, node)
   targets per example (:class:`~muse_tf.models.miss_retrieval.TrainingNodes`), the two-tower
-  learns an in-batch softmax over (user, clicked item) pairs. Keras ``fit`` with the one
-  two-optimizer step (:class:`~muse_tf.training.step.TwoOptimizerModel`: Adam
-  ``train.embedding_learning_rate`` for ID/node embeddings, Adam ``train.dense_learning_rate``
-  for the rest), under ``train.strategy``; every epoch has ``clicks in the index //
-  data.batch_size`` steps (at most ``train.max_train_steps``), counted before training; the
-  callbacks of :func:`muse_tf.training.runs.fit_callbacks` (TensorBoard, per-epoch
-  checkpoints ``checkpoints/ckpt-EE``). ``train.epochs=0`` evaluates the untrained model.
+  learns an in-batch softmax over (user, clicked item) pairs, by default with the logQ
+  correction (``retrieval.logq_correction``: each example carries ``q`` of its item, its
+  share of the clicks in the index, looked up from the exact train click counts,
+  :class:`~muse_tf.training.retrieval_data.SamplingProbabilities`) and
+  ``retrieval.temperature``; both are training-only, retrieval scores are ``<u, v>``.
+  Keras ``fit`` with the one two-optimizer step
+  (:class:`~muse_tf.training.step.TwoOptimizerModel`: Adam ``train.embedding_learning_rate``
+  for ID/node embeddings, Adam ``train.dense_learning_rate`` for the rest), under
+  ``train.strategy``; every epoch has ``clicks in the index // data.batch_size`` steps (at
+  most ``train.max_train_steps``), counted before training; the callbacks of
+  :func:`muse_tf.training.runs.fit_callbacks` (TensorBoard, per-epoch checkpoints
+  ``checkpoints/ckpt-EE``). ``train.epochs=0`` evaluates the untrained model.
   ``train_loss`` (one value per epoch) is ``History``'s epoch mean of the per-step global
   mean loss, which is also the progress bar's last value of the epoch.
 * **Evaluation** = every clicked test impression is one query (its user features and history);
@@ -64,7 +69,7 @@ from muse_tf.models.miss_retrieval import (
     MissTreeIndex,
     TrainingNodes,
 )
-from muse_tf.models.two_tower import TwoTowerModel
+from muse_tf.models.two_tower import CANDIDATE_PROBABILITY, TwoTowerModel
 from muse_tf.training import runs
 from muse_tf.training.evaluation import (
     RECALL_CUTOFFS,
@@ -76,6 +81,7 @@ from muse_tf.training.retrieval_data import (
     Catalogue,
     ClickCounts,
     KeepFn,
+    SamplingProbabilities,
     click_counts,
     clicked_dataset,
     training_dataset,
@@ -110,8 +116,8 @@ class _Run:
             raise ValueError(f"{self.data.path}: the multimodal table holds "
                              f"{len(self.catalogue)} usable item(s); retrieval needs at least 2")
         self.seq_len = runs.max_seq_len_of(config, self.data)
-        self.popular_ids, counts = click_counts(self.data, "train")
-        self.clicks = ClickCounts.of(self.popular_ids, counts, self.catalogue)
+        self.popular_ids, self.popular_counts = click_counts(self.data, "train")
+        self.clicks = ClickCounts.of(self.popular_ids, self.popular_counts, self.catalogue)
         batch = config.data.batch_size
         self.steps = runs.steps_per_epoch(config, self.clicks.clicks_in_index, batch)
         if not self.clicks.clicks_in_index or not self.steps:
@@ -276,11 +282,25 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
 
     run = _Run(config, model_dir, data_dir)
     retrieval, catalogue, tables = config.retrieval, run.catalogue, run.tables
+    add_probability = None
+    if retrieval.logq_correction:
+        # q of the items the pipeline keeps (clicked train items in the catalogue).
+        sampling = SamplingProbabilities(run.popular_ids, run.popular_counts,
+                                         keep=catalogue.contains(run.popular_ids))
+
+        def add_probability(batch: dict[str, tf.Tensor], step: tf.Tensor
+                            ) -> dict[str, tf.Tensor]:
+            del step  # the lookup is deterministic
+            return {**batch,
+                    CANDIDATE_PROBABILITY: sampling.lookup_op(batch[schema.ITEM_ID.name])}
+
     model, training = run.fit(
         lambda: TwoTowerModel(config.model, retrieval.tower_dim, tables.vocabularies,
                               mm_table=tables.mm_table, mm_dim=tables.mm_dim,
+                              temperature=retrieval.temperature,
+                              logq_correction=retrieval.logq_correction,
                               name=f"two_tower_{config.name}"),
-        keep=catalogue.contains_op)
+        keep=catalogue.contains_op, add_targets=add_probability)
 
     top_n = min(retrieval.top_n, len(catalogue))
     start = time.perf_counter()

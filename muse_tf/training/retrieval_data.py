@@ -23,7 +23,8 @@ from muse_tf.data.data_dir import DataDir, split_files
 from muse_tf.embeddings.arrays import in_sorted, normalise_rows
 from muse_tf.training.strategy import shard_for_strategy
 
-__all__ = ["Catalogue", "ClickCounts", "click_counts", "clicked_dataset", "training_dataset"]
+__all__ = ["Catalogue", "ClickCounts", "SamplingProbabilities", "click_counts",
+           "clicked_dataset", "training_dataset"]
 
 #: Impressions read (and parsed) per batch before keeping the clicked ones.
 READ_BATCH = 1024
@@ -105,6 +106,74 @@ class ClickCounts:
 
     def as_dict(self) -> dict[str, int]:
         return {"clicks_seen": self.clicks_seen, "clicks_not_in_index": self.clicks_not_in_index}
+
+
+class SamplingProbabilities:
+    """``q(item)``: the probability that a training example's clicked item is ``item``, i.e. that
+    a given in-batch candidate of the two-tower loss is ``item`` (the logQ correction of Yi et
+    al., RecSys 2019, "Sampling-bias-corrected neural modeling for large corpus item
+    recommendations").
+
+    The training batches are uniform draws (shuffled, repeated) of the clicked train
+    impressions whose item passes the pipeline's filter, so with ``c_i`` the train clicks of
+    item ``i`` among the ``n`` kept ones::
+
+        q(i) = c_i / n                                      for a kept, clicked item
+        q(i) = UNSEEN_CLICKS / n  (half a click: the floor)  for any other id
+
+    The floor is below every clicked item's share and keeps ``log q`` finite; such ids never
+    occur as training candidates (the pipeline feeds only kept clicks), it only answers
+    lookups of other ids. Note that ``tfrs.tasks.Retrieval`` clips ``q`` to ``[1e-6, 1]``:
+    with more than ``UNSEEN_CLICKS * 1e6`` kept clicks the rarest items' corrections saturate.
+
+    Args:
+      item_ids: int64 ``[N]`` items, as returned by :func:`click_counts` of the train split.
+      counts: ``[N]`` their clicks (> 0).
+      keep: bool ``[N]``: which items the training pipeline keeps (e.g.
+        :meth:`Catalogue.contains` of ``item_ids``); all when None.
+    """
+
+    #: Clicks credited to an item without any kept train click (the lookup's default).
+    UNSEEN_CLICKS = 0.5
+
+    def __init__(self, item_ids: np.ndarray, counts: np.ndarray,
+                 keep: np.ndarray | None = None) -> None:
+        item_ids = np.asarray(item_ids, np.int64)
+        counts = np.asarray(counts, np.float64)
+        if item_ids.shape != counts.shape or item_ids.ndim != 1:
+            raise ValueError(f"item_ids {item_ids.shape} and counts {counts.shape} must be "
+                             "[N] and [N]")
+        if keep is not None:
+            keep = np.asarray(keep, bool)
+            item_ids, counts = item_ids[keep], counts[keep]
+        if len(np.unique(item_ids)) != len(item_ids) or np.any(counts <= 0):
+            raise ValueError("SamplingProbabilities: item ids must be unique, counts > 0")
+        self.total_clicks = float(np.sum(counts))
+        if not self.total_clicks > 0:
+            raise ValueError("SamplingProbabilities: no kept train clicks")
+        order = np.argsort(item_ids, kind="stable")
+        #: Kept clicked items (ascending) and their ``q``, float32 ``[N]``.
+        self.item_ids = item_ids[order]
+        self.probabilities = (counts[order] / self.total_clicks).astype(np.float32)
+        self.floor = float(self.UNSEEN_CLICKS / self.total_clicks)
+        self._table: tf.lookup.StaticHashTable | None = None
+
+    def lookup(self, item_ids: np.ndarray) -> np.ndarray:
+        """float32 ``q`` of ``item_ids`` (NumPy; the floor for ids without kept clicks)."""
+        item_ids = np.asarray(item_ids, np.int64)
+        at = np.minimum(np.searchsorted(self.item_ids, item_ids), len(self.item_ids) - 1)
+        found = self.item_ids[at] == item_ids
+        return np.where(found, self.probabilities[at], np.float32(self.floor)).astype(np.float32)
+
+    def lookup_op(self, item_ids: tf.Tensor) -> tf.Tensor:
+        """:meth:`lookup` in TF ops (a ``StaticHashTable`` int64 → float32, built on first use),
+        for tf.data pipelines: float32 of the shape of ``item_ids``."""
+        if self._table is None:
+            self._table = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(
+                    tf.constant(self.item_ids), tf.constant(self.probabilities)),
+                default_value=tf.constant(self.floor, tf.float32))
+        return self._table.lookup(tf.convert_to_tensor(item_ids, tf.int64))
 
 
 def clicked_dataset(data: str | DataDir, split: str, batch_size: int, max_seq_len: int, *,

@@ -1,6 +1,7 @@
-"""Tests for muse_tf.models.two_tower: towers, the in-batch loss (a batch mean) against NumPy,
-training through ``fit``, the config round trip, brute-force retrieval over the item tower,
-and the exports (stock ops reload without muse_tf/scann; ScaNN reloads with scann)."""
+"""Tests for muse_tf.models.two_tower: towers, the in-batch loss (a batch mean, with and
+without the logQ correction) against NumPy, training through ``fit``, the config round trip,
+brute-force retrieval over the item tower, and the exports (stock ops reload without
+muse_tf/scann; ScaNN reloads with scann)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from muse_tf.embeddings.vocabulary import read_vocabulary_ids
 from muse_tf.export.retrieval import export_retrieval
 from muse_tf.index.brute_force import brute_force_index, numpy_top_k
 from muse_tf.index.scann_index import scann_index
-from muse_tf.models.two_tower import TwoTowerModel
+from muse_tf.models.two_tower import CANDIDATE_PROBABILITY, DEFAULT_TEMPERATURE, TwoTowerModel
 
 SEQ_LEN = 12
 SMALL = ModelConfig(id_embedding_dim=4, short_term_len=3, tower_units=[16])
@@ -95,6 +96,75 @@ def test_loss_is_the_in_batch_softmax_without_accidental_hits(world):
     # The mean over the batch's queries (tfrs' default would be their sum).
     expected = -np.mean(np.diag(log_softmax))
     assert float(model.compute_loss(batch)) == pytest.approx(expected, rel=1e-4)
+
+
+def reference_loss(u: np.ndarray, v: np.ndarray, ids: np.ndarray, temperature: float,
+                   q: np.ndarray | None = None) -> float:
+    """NumPy in-batch softmax: mean_b -log softmax_c(<u_b, v_c> / T - log q_c)[b], another
+    row's copy of the positive's item masked out."""
+    logits = u.astype(np.float64) @ v.astype(np.float64).T / temperature
+    if q is not None:
+        logits = logits - np.log(q.astype(np.float64))[None, :]
+    same = (ids[:, None] == ids[None, :]) & ~np.eye(len(ids), dtype=bool)
+    logits = np.where(same, -np.inf, logits)
+    top = logits.max(1, keepdims=True)
+    log_softmax = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+    return float(-np.mean(np.diag(log_softmax)))
+
+
+#: A hand-made batch of 4: unit-norm query/candidate embeddings, item 7 twice, and q.
+HAND_U = np.array([[1, 0, 0], [0.6, 0.8, 0], [0, 0, 1], [0, 0.6, 0.8]], np.float32)
+HAND_V = np.array([[0.8, 0.6, 0], [0, 1, 0], [0.6, 0, 0.8], [0, 1, 0]], np.float32)
+HAND_IDS = np.array([3, 7, 11, 7], np.int64)
+HAND_Q = np.array([0.05, 0.4, 0.002, 0.4], np.float32)
+
+
+@pytest.mark.parametrize("correction", [True, False])
+def test_in_batch_loss_equals_the_numpy_reference_on_hand_made_embeddings(world, correction):
+    model = TwoTowerModel(SMALL, 8, world["vocabularies"], mm_table=world["table"],
+                          temperature=0.3, logq_correction=correction)
+    q = tf.constant(HAND_Q) if correction else None
+    loss = float(model.in_batch_loss(tf.constant(HAND_U), tf.constant(HAND_V),
+                                     tf.constant(HAND_IDS), q))
+    expected = reference_loss(HAND_U, HAND_V, HAND_IDS, 0.3, HAND_Q if correction else None)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    # The correction matters here: it is not the other reference.
+    other = reference_loss(HAND_U, HAND_V, HAND_IDS, 0.3, None if correction else HAND_Q)
+    assert abs(loss - other) > 0.05
+
+
+def test_compute_loss_with_logq_correction_reads_q_from_the_batch(world):
+    model, items = world["model"], world["items"]
+    corrected = TwoTowerModel(SMALL, 8, world["vocabularies"], mm_table=world["table"],
+                              temperature=0.2, logq_correction=True)
+    batch = make_batch(items, 6, seed=4)
+    corrected.build_for(batch)
+    corrected.set_weights(model.get_weights())  # the same towers as `model`
+    rng = np.random.default_rng(0)
+    q = rng.uniform(1e-4, 0.2, 6).astype(np.float32)
+    ids = batch[schema.ITEM_ID.name].numpy()
+    u = model(batch).numpy()
+    v = model.item_tower(batch[schema.ITEM_ID.name]).numpy()
+    with pytest.raises(KeyError, match=CANDIDATE_PROBABILITY):
+        corrected.compute_loss(batch)
+    batch = {**batch, CANDIDATE_PROBABILITY: tf.constant(q)}
+    assert float(corrected.compute_loss(batch)) == pytest.approx(
+        reference_loss(u, v, ids, 0.2, q), rel=1e-4)
+    # Without the correction the feature is ignored; serving scores stay <u, v>: the towers
+    # (all that the indexes and exports use) are unchanged by the flag.
+    assert float(model.compute_loss(batch)) == pytest.approx(reference_loss(u, v, ids, 0.2),
+                                                             rel=1e-4)
+    np.testing.assert_allclose(corrected(batch).numpy(), u, atol=1e-6)
+    assert corrected.get_config()["logq_correction"] is True
+    assert TwoTowerModel.from_config(corrected.get_config()).logq_correction
+
+
+def test_config_defaults_match_the_model(world):
+    from muse_tf.config import RetrievalConfig
+
+    assert RetrievalConfig().temperature == DEFAULT_TEMPERATURE
+    assert RetrievalConfig().logq_correction is True
+    assert world["model"].logq_correction is False  # class default: configs saved before it
 
 
 def new_model(world, seed: int = 0, rates: tuple[float, float] = (0.01, 0.01)

@@ -1,5 +1,6 @@
 """Tests for muse_tf.training.retrieval and retrieval_data (and the retrieval-compare table):
-recall bookkeeping, click counts, the tf.data training pipelines, and tiny end-to-end runs of
+recall bookkeeping, click counts and the two-tower's sampling probabilities (logQ
+correction), the tf.data training pipelines, and tiny end-to-end runs of
 both retrieval experiments (plumbing: on the tiny data the beam covers the whole tree, so
 recall there says nothing about learning; test_retrieval_learning.py checks that)."""
 
@@ -86,6 +87,32 @@ def test_click_counts_against_the_catalogue_are_exact(tiny_data):
     np.testing.assert_array_equal(catalogue.contains_op(probe).numpy(), [True, False])
 
 
+def test_sampling_probability_is_the_click_share_among_kept_items(tiny_data):
+    catalogue = retrieval_train.Catalogue(tiny_data.embedding_ids, tiny_data.embedding_vectors)
+    ids, counts = retrieval_train.click_counts(tiny_data.path, "train")
+    sampling = retrieval_data.SamplingProbabilities(ids, counts, keep=catalogue.contains(ids))
+    kept = Counter(i for i in clicked(tiny_data, "train")
+                   if i in set(tiny_data.embedding_ids.tolist()))
+    total = sum(kept.values())
+    assert sampling.total_clicks == total
+    unseen = [i for i in (*ids.tolist(), 12345) if i not in kept]
+    assert len(unseen) >= 2  # clicked items without a vector, and an id never clicked
+    probe = np.array([*kept, *unseen], np.int64)
+    expected = np.array([kept[i] / total for i in kept]
+                        + [retrieval_data.SamplingProbabilities.UNSEEN_CLICKS / total] * len(
+                            unseen), np.float32)
+    np.testing.assert_allclose(sampling.lookup(probe), expected, rtol=1e-6)
+    # The floor (half a click) is below every kept item's share.
+    assert sampling.floor == pytest.approx(0.5 / total)
+    assert sampling.floor < min(kept.values()) / total
+    assert np.sum(sampling.probabilities) == pytest.approx(1.0, rel=1e-6)
+    # The TF lookup of the tf.data pipeline agrees, any shape.
+    np.testing.assert_allclose(sampling.lookup_op(tf.constant(probe.reshape(-1, 1))).numpy(),
+                               expected.reshape(-1, 1), rtol=1e-6)
+    with pytest.raises(ValueError, match="unique"):
+        retrieval_data.SamplingProbabilities(np.array([1, 1]), np.array([2, 3]))
+
+
 def _config(task: str, *extra: str) -> config_lib.ExperimentConfig:
     return config_lib.resolve(task, assignments=[*TINY, *extra])
 
@@ -108,6 +135,32 @@ def test_training_dataset_keeps_clicked_catalogue_items_in_full_batches(tiny_dat
     # Eight passes hold every kept click eight times (batches run across passes).
     assert Counter(seen.tolist()) == Counter({i: 8 * c for i, c in in_index.items()})
     assert batches[0][schema.HISTORY_ITEM_ID.name].shape == (8, 12)
+
+
+def test_two_tower_training_batches_carry_q_of_their_items(tiny_data):
+    from muse_tf.models.two_tower import CANDIDATE_PROBABILITY
+
+    catalogue = retrieval_train.Catalogue(tiny_data.embedding_ids, tiny_data.embedding_vectors)
+    ids, counts = retrieval_train.click_counts(tiny_data.path, "train")
+    sampling = retrieval_data.SamplingProbabilities(ids, counts, keep=catalogue.contains(ids))
+
+    def add_q(batch, step):
+        return {**batch, CANDIDATE_PROBABILITY: sampling.lookup_op(batch[schema.ITEM_ID.name])}
+
+    dataset = retrieval_data.training_dataset(_config("two_tower"), DataDir.open(tiny_data.path),
+                                              12, catalogue.contains_op, add_q)
+    for batch in dataset.take(3):
+        items = batch[schema.ITEM_ID.name].numpy()
+        assert batch[CANDIDATE_PROBABILITY].dtype == tf.float32
+        np.testing.assert_array_equal(batch[CANDIDATE_PROBABILITY].numpy(),
+                                      sampling.lookup(items))
+        assert np.all(batch[CANDIDATE_PROBABILITY].numpy() > sampling.floor)  # all kept
+
+
+def test_retrieval_config_checks_the_temperature():
+    assert _config("two_tower").retrieval.logq_correction is True
+    with pytest.raises(ValueError, match=r"retrieval\.temperature"):
+        _config("two_tower", "retrieval.temperature=0").validate()
 
 
 def test_miss_training_targets_are_deterministic_with_the_seed(tiny_data):
