@@ -149,6 +149,60 @@ def test_gauc_is_fast_on_a_million_samples():
     assert elapsed < 10.0  # about 1 s on 2 cores; generous for a loaded machine
 
 
+# ------------------------------------------------------------------------------ gauc_batch
+
+
+def reference_gauc_batch(users, labels, scores, batch_size) -> float:
+    """The official loop: per batch of ``batch_size`` samples, per user in the batch."""
+    num = den = 0.0
+    for start in range(0, len(labels), batch_size):
+        groups: dict[int, list[tuple[int, float]]] = {}
+        for u, y, s in zip(users[start:start + batch_size], labels[start:start + batch_size],
+                           scores[start:start + batch_size], strict=True):
+            groups.setdefault(int(u), []).append((int(y), float(s)))
+        for rows in groups.values():
+            value = pairwise_auc([r[0] for r in rows], [r[1] for r in rows])
+            if not math.isnan(value):
+                num += len(rows) * value
+                den += len(rows)
+    return num / den if den else math.nan
+
+
+def test_gauc_batch_tiny_case_differs_from_the_global_gauc():
+    # Two batches of 4. Batch 0: user 1 ranks right (AUC 1, n 2), user 2 wrong (AUC 0, n 2).
+    # Batch 1: user 1 wrong (0.3 < 0.4: AUC 0, n 2); users 2 and 3 one sample each: skipped.
+    users = [1, 1, 2, 2, 1, 1, 2, 3]
+    labels = [1, 0, 1, 0, 1, 0, 1, 0]
+    scores = [0.9, 0.1, 0.2, 0.8, 0.3, 0.4, 0.5, 0.6]
+    assert metrics.gauc_batch(users, labels, scores, batch_size=4) == pytest.approx(
+        (2 * 1 + 2 * 0 + 2 * 0) / 6)
+    # Over the whole split: user 1 has positives {0.9, 0.3}, negatives {0.1, 0.4}: 3 of 4
+    # pairs right (n 4); user 2 positives {0.2, 0.5}, negative {0.8}: 0 (n 3); user 3 skipped.
+    assert metrics.gauc(users, labels, scores) == pytest.approx((4 * 0.75 + 3 * 0) / 7)
+    # One batch holding everything is the global GAUC.
+    assert metrics.gauc_batch(users, labels, scores, batch_size=8) == pytest.approx(3 / 7)
+    assert metrics.gauc_batch(users, labels, scores) == pytest.approx(3 / 7)  # 1,000 default
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 100, 5000])
+def test_gauc_batch_matches_the_official_loop(batch_size):
+    rng = np.random.default_rng(batch_size)
+    users, labels, scores = random_case(rng, 1500, 40)
+    expected = reference_gauc_batch(users, labels, scores, batch_size)
+    value = metrics.gauc_batch(users, labels, scores, batch_size=batch_size)
+    if math.isnan(expected):  # batch_size 1: no batch has two classes
+        assert math.isnan(value)
+    else:
+        assert value == pytest.approx(expected, abs=1e-12)
+
+
+def test_gauc_batch_bad_input():
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        metrics.gauc_batch([1], [1], [0.5], batch_size=0)
+    with pytest.raises(ValueError, match="user_ids has 2 values but labels has 3"):
+        metrics.gauc_batch([1, 2], [0, 1, 0], [0.1, 0.2, 0.3])
+
+
 # ------------------------------------------------------------------------------ logloss
 
 

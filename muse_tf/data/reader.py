@@ -6,6 +6,10 @@ Pipeline (one pass, left to right)::
       --shuffle examples--> [repeat] --batch serialized--> parse_sequence_example (parallel)
       --> fixed-length right padding / newest-tail truncation --> prefetch
 
+With ``users`` (a :class:`UserSplit`), a stage right after the interleave keeps the records of
+one part of a deterministic user split (train or validation users, by a seeded hash of
+``user_id``); :func:`count_user_split` counts both parts.
+
 Each element is ONE dict of dense tensors for a batch of ``B`` impressions:
 
 * every context feature of :mod:`muse_tf.schema` by readable name: int64 ``[B]``; the
@@ -22,8 +26,11 @@ one record at a time.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from muse_tf import schema
@@ -36,6 +43,132 @@ DEFAULT_SHUFFLE_BUFFER = 8192
 #: Files read at once in ordered (deterministic or seeded) mode when ``num_parallel_reads`` is
 #: AUTOTUNE; fixed so the order does not depend on the machine's core count.
 _DETERMINISTIC_CYCLE_LENGTH = 4
+
+
+#: Hash buckets of the user split: shares are resolved to 1/10,000.
+USER_SPLIT_BUCKETS = 10_000
+#: The two parts of a :class:`UserSplit`.
+USER_SPLIT_PARTS = ("train", "validation")
+#: Serialized records whose ``user_id`` is parsed at once by the user-split stage.
+_USER_FILTER_BATCH = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class UserSplit:
+    """A deterministic split of a split's users into ``train`` and ``validation``.
+
+    A user goes to validation when ``to_hash_bucket_fast("<seed>:<user_id>", 10000)`` is
+    below ``round(share * 10000)``: the same user always lands in the same part (on every
+    worker and run with the same seed), every record of a user in one part, and about
+    ``share`` of the users in validation. ``part`` names the records a dataset keeps.
+
+    Attributes:
+      share: the share of users held out for validation, in ``(0, 1)``.
+      seed: mixed into the hash (another seed, another set of validation users).
+      part: ``"train"`` (users outside the share) or ``"validation"`` (inside).
+    """
+
+    share: float
+    seed: int
+    part: str = "train"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.share < 1.0:
+            raise ValueError(f"a user split needs a validation share in (0, 1), got "
+                             f"{self.share!r}")
+        if self.part not in USER_SPLIT_PARTS:
+            raise ValueError(f"part={self.part!r} is not one of {USER_SPLIT_PARTS}")
+
+    def with_part(self, part: str) -> UserSplit:
+        """The same split, keeping ``part``."""
+        return dataclasses.replace(self, part=part)
+
+    def held_out(self, user_ids: tf.Tensor) -> tf.Tensor:
+        """bool, same shape as the int64 ``user_ids``: True for validation users."""
+        keys = tf.strings.join([tf.strings.as_string(tf.constant(self.seed, tf.int64)),
+                                tf.strings.as_string(tf.cast(user_ids, tf.int64))],
+                               separator=":")
+        buckets = tf.strings.to_hash_bucket_fast(keys, USER_SPLIT_BUCKETS)
+        return buckets < round(self.share * USER_SPLIT_BUCKETS)
+
+    def keeps(self, user_ids: tf.Tensor) -> tf.Tensor:
+        """bool: True for the users of :attr:`part`."""
+        held = self.held_out(user_ids)
+        return held if self.part == "validation" else tf.logical_not(held)
+
+    def filter_serialized(self, serialized: tf.Tensor) -> tf.Tensor:
+        """``[N]`` serialized records -> those of :attr:`part`'s users (only ``user_id``
+        is parsed)."""
+        return tf.boolean_mask(serialized, self.keeps(_parse_user_ids(serialized)))
+
+
+@dataclasses.dataclass(frozen=True)
+class UserSplitCounts:
+    """Examples and users in each part of a :class:`UserSplit` of one split.
+
+    Attributes:
+      train_examples, validation_examples: records of each part.
+      train_users, validation_users: distinct users of each part.
+      source: ``"vocabulary"`` (the train user vocabulary's per-user counts, which add up
+        to the metadata's example count: no data read) or ``"pass"`` (one pass over the
+        records, parsing only ``user_id``).
+      seconds: what counting took.
+    """
+
+    train_examples: int
+    validation_examples: int
+    train_users: int
+    validation_users: int
+    source: str
+    seconds: float
+
+
+def _parse_user_ids(serialized: tf.Tensor) -> tf.Tensor:
+    context, _, _ = tf.io.parse_sequence_example(
+        serialized, context_features={
+            schema.USER_ID.name: tf.io.FixedLenFeature([], tf.int64)})
+    return context[schema.USER_ID.name]
+
+
+def count_user_split(data: DataDir, split: str, users: UserSplit) -> UserSplitCounts:
+    """Exact example and user counts of both parts of ``users`` over ``split``.
+
+    For ``"train"``, when ``vocab/user.tsv``'s counts add up to the split's
+    ``examples_written`` (every record counted once: Beam counts the train users per written
+    record), the counts come from it (milliseconds). Otherwise one pass over the records
+    parses only ``user_id`` (the cost of reading and decompressing the split once).
+    """
+    start = time.perf_counter()
+    expected = data.num_examples(split)
+    ids = counts = None
+    source = "pass"
+    if split == "train" and expected is not None:
+        try:
+            ids, counts = data.vocabulary(schema.USER_ID.vocabulary or "user")
+        except (FileNotFoundError, OSError, ValueError, tf.errors.NotFoundError):
+            ids = counts = None
+        if counts is not None and int(np.sum(counts)) == expected:
+            source = "vocabulary"
+        else:
+            ids = counts = None
+    if ids is None or counts is None:
+        dataset = tf.data.Dataset.from_tensor_slices(data.split_files(split)).interleave(
+            lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
+            cycle_length=_DETERMINISTIC_CYCLE_LENGTH, num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=False).batch(4 * _USER_FILTER_BATCH).map(
+            _parse_user_ids, num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=False).prefetch(tf.data.AUTOTUNE)
+        parts = [batch.numpy() for batch in dataset]
+        all_ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        ids, counts = np.unique(all_ids, return_counts=True)
+    ids = np.asarray(ids, np.int64)
+    counts = np.asarray(counts, np.int64)
+    held = (users.held_out(tf.constant(ids)).numpy() if ids.size
+            else np.zeros(0, bool))
+    return UserSplitCounts(
+        train_examples=int(counts[~held].sum()), validation_examples=int(counts[held].sum()),
+        train_users=int((~held).sum()), validation_users=int(held.sum()), source=source,
+        seconds=time.perf_counter() - start)
 
 
 def default_max_seq_len(data_dir: str) -> int:
@@ -60,6 +193,7 @@ def make_dataset(
     seed: int | None = None,
     drop_remainder: bool = False,
     num_parallel_reads: int = tf.data.AUTOTUNE,
+    users: UserSplit | None = None,
 ) -> tf.data.Dataset:
     """Batches of dense tensors from split ``split`` of the Beam output directory.
 
@@ -80,6 +214,7 @@ def make_dataset(
       drop_remainder: drop a last, smaller batch (gives a static batch dimension).
       num_parallel_reads: shards read at once (AUTOTUNE: one per core; 4 when
         ``deterministic`` or ``seed`` is set, so the order does not depend on the machine).
+      users: keep only the records of this part of a user split (None: every record).
 
     Returns:
       A dataset of dicts; see the module docstring for names, shapes and dtypes.
@@ -95,7 +230,7 @@ def make_dataset(
     return make_dataset_from_files(
         files, batch_size, max_seq_len, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
         repeat=repeat, deterministic=deterministic, seed=seed, drop_remainder=drop_remainder,
-        num_parallel_reads=num_parallel_reads)
+        num_parallel_reads=num_parallel_reads, users=users)
 
 
 def make_dataset_from_files(
@@ -111,6 +246,7 @@ def make_dataset_from_files(
     drop_remainder: bool = False,
     num_parallel_reads: int = tf.data.AUTOTUNE,
     compression_type: str = "GZIP",
+    users: UserSplit | None = None,
 ) -> tf.data.Dataset:
     """Like :func:`make_dataset`, over an explicit list of ``SequenceExample`` shards.
 
@@ -145,6 +281,11 @@ def make_dataset_from_files(
     dataset = dataset.interleave(
         read_shard, cycle_length=cycle_length, block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
+    if users is not None:
+        # Parsing user_id for a thousand records at once is far cheaper than per record.
+        dataset = dataset.batch(_USER_FILTER_BATCH).map(
+            users.filter_serialized, num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=ordered).unbatch()
     if do_shuffle:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:

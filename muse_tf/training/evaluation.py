@@ -21,12 +21,16 @@ PREDICTION_COLUMNS = (schema.USER_ID.name, schema.ITEM_ID.name, schema.LABEL.nam
 PREDICTIONS_FILE = "test_predictions.npz"
 
 
-def predict_split(model: tf.keras.Model, dataset: tf.data.Dataset,
-                  max_steps: int = 0) -> dict[str, np.ndarray]:
-    """Run the model over a (deterministic) dataset.
+#: The batch of the official MUSE code's test loop, over which it groups users for GAUC
+#: (reported as ``gauc_batch``, see :func:`muse_tf.metrics.gauc_batch`).
+OFFICIAL_GAUC_BATCH = 1000
 
-    Returns the :data:`PREDICTION_COLUMNS` of every example and its ``score``.
-    """
+PredictStep = Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
+
+
+def prediction_step(model: tf.keras.Model) -> PredictStep:
+    """A ``tf.function`` mapping a batch to its :data:`PREDICTION_COLUMNS` and ``score``;
+    keep it to predict several times without tracing the model again."""
 
     @tf.function
     def step(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -34,6 +38,24 @@ def predict_split(model: tf.keras.Model, dataset: tf.data.Dataset,
         out["score"] = model(batch, training=False)
         return out
 
+    return step
+
+
+def predict_split(model: tf.keras.Model, dataset: tf.data.Dataset,
+                  max_steps: int = 0, step: PredictStep | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Run the model over a (deterministic) dataset.
+
+    Args:
+      model: the ranking model.
+      dataset: batches of the reader.
+      max_steps: at most this many batches (0: all).
+      step: from :func:`prediction_step` (default: a new one, traced on the first batch).
+
+    Returns the :data:`PREDICTION_COLUMNS` of every example and its ``score``.
+    """
+    if step is None:
+        step = prediction_step(model)
     columns: dict[str, list[np.ndarray]] = {name: [] for name in (*PREDICTION_COLUMNS, "score")}
     for i, batch in enumerate(dataset):
         if max_steps and i >= max_steps:
@@ -45,12 +67,19 @@ def predict_split(model: tf.keras.Model, dataset: tf.data.Dataset,
 
 
 def evaluate_predictions(predictions: dict[str, np.ndarray]) -> dict[str, Any]:
+    """AUC, the exact GAUC (users over the whole split), the official batch-wise
+    ``gauc_batch`` (users within consecutive batches of :data:`OFFICIAL_GAUC_BATCH` examples in
+    the split's order), logloss and the click rate of per-example predictions."""
     labels, scores = predictions[schema.LABEL.name], predictions["score"]
     out: dict[str, Any] = {"examples": len(labels)}
     if len(labels) == 0:
-        return {**out, "auc": float("nan"), "gauc": float("nan"), "logloss": float("nan")}
+        return {**out, "auc": float("nan"), "gauc": float("nan"),
+                "gauc_batch": float("nan"), "logloss": float("nan")}
+    users = predictions[schema.USER_ID.name]
     out["auc"] = float(metrics_lib.auc(labels, scores))
-    out["gauc"] = float(metrics_lib.gauc(predictions[schema.USER_ID.name], labels, scores))
+    out["gauc"] = float(metrics_lib.gauc(users, labels, scores))
+    out["gauc_batch"] = float(metrics_lib.gauc_batch(users, labels, scores,
+                                                     batch_size=OFFICIAL_GAUC_BATCH))
     out["logloss"] = float(metrics_lib.logloss(labels, scores))
     out["click_rate"] = float(np.mean(labels))
     return out

@@ -1,9 +1,12 @@
 """One ranking run: train with Keras ``fit`` (under the configured ``tf.distribute``
-strategy), evaluate AUC/GAUC/logloss on the test split, export for TF Serving.
+strategy) with early stopping on a validation split of train users, evaluate
+AUC/GAUC/logloss on the test split, export for TF Serving.
 
 Writes into the model directory: ``config.yaml`` (the resolved config), ``vocab/``,
-``checkpoints/ckpt-EE``, ``logs/`` (TensorBoard), ``test_predictions.npz``,
-``metrics.json`` and, with ``train.export``, ``export/ranker/<version>/``.
+``checkpoints/ckpt-PP`` (per period; with validation only the improving ones, so the latest
+is the best), ``logs/`` (TensorBoard, with ``val_gauc``/``val_auc``/``val_logloss`` per
+period), ``test_predictions.npz``, ``metrics.json`` and, with ``train.export``,
+``export/ranker/<version>/``.
 """
 
 from __future__ import annotations
@@ -25,26 +28,70 @@ from muse_tf.training.strategy import is_chief, make_strategy, shard_for_strateg
 PREDICTIONS_FILE = "test_predictions.npz"
 
 
+def user_split_of(config: config_lib.ExperimentConfig) -> reader.UserSplit | None:
+    """The train/validation user split of ``train.validation_share`` (seeded by
+    ``data.seed``), or None when the share is 0 (no validation, fixed epochs)."""
+    share = config.train.validation_share
+    return reader.UserSplit(share, config.data.seed) if share > 0 else None
+
+
+def count_split(config: config_lib.ExperimentConfig, data: DataDir,
+                users: reader.UserSplit) -> reader.UserSplitCounts:
+    """Both parts of ``users`` over the train split, counted exactly; a ``ValueError`` naming
+    the counts when either part is empty."""
+    counts = reader.count_user_split(data, "train", users)
+    if counts.train_examples == 0 or counts.validation_examples == 0:
+        empty = "validation" if counts.validation_examples == 0 else "train"
+        raise ValueError(
+            f"{data.path}: train.validation_share={users.share} (seed data.seed="
+            f"{users.seed}) leaves the {empty} part of the train split empty: "
+            f"{counts.train_examples} train examples of {counts.train_users} users, "
+            f"{counts.validation_examples} validation examples of {counts.validation_users} "
+            "users; choose another share or seed, or set train.validation_share=0")
+    return counts
+
+
 def train_dataset(config: config_lib.ExperimentConfig, data: DataDir, seq_len: int,
-                  batch_size: int) -> tuple[tf.data.Dataset, int | None]:
-    """The repeated, shuffled train batches and the steps of one epoch (None when the split's
-    size is unknown; then one epoch is one pass over the files)."""
-    examples = data.num_examples("train")
-    steps = runs.steps_per_epoch(config, examples, batch_size)
-    if steps == 0:
-        raise ValueError(f"{data.path}: the train split holds {examples} examples, fewer than "
-                         f"one batch of data.batch_size={batch_size}")
+                  batch_size: int, users: reader.UserSplit | None = None,
+                  examples: int | None = None) -> tuple[tf.data.Dataset, runs.Schedule]:
+    """The shuffled train batches (repeated when the size is known) and their schedule.
+
+    Args:
+      config: the run's config.
+      data: the data directory.
+      seq_len: history length of the batches.
+      batch_size: examples per batch.
+      users: keep only the train part of this user split (None: every train example).
+      examples: train examples (default: the split's count in the metadata; with ``users``
+        pass the counted train part).
+    """
+    if examples is None and users is None:
+        examples = data.num_examples("train")
+    try:
+        schedule = runs.training_schedule(config, examples, batch_size,
+                                          validate=users is not None)
+    except ValueError as err:
+        raise ValueError(f"{data.path}: {err}") from None
     dataset = reader.make_dataset(data, "train", batch_size, max_seq_len=seq_len,
                                   shuffle=True, shuffle_buffer=config.data.shuffle_buffer,
                                   seed=config.data.seed, drop_remainder=True,
-                                  repeat=steps is not None)
-    return shard_for_strategy(dataset, config.train.strategy), steps
+                                  repeat=schedule.period_steps is not None,
+                                  users=None if users is None else users.with_part("train"))
+    return shard_for_strategy(dataset, config.train.strategy), schedule
 
 
 def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
                 data: str | DataDir | None = None) -> dict[str, Any]:
     """Train + evaluate (+ export) one ranking experiment; returns the metrics dict (also
-    written to ``metrics.json``)."""
+    written to ``metrics.json``).
+
+    With ``train.validation_share`` > 0 (the default) that share of the train split's users is
+    held out; the model is validated (exact GAUC, AUC, logloss) at the end of every period
+    (:class:`~muse_tf.training.runs.Schedule`), training stops when the validation GAUC has
+    not improved for ``train.patience`` periods, and the best period's weights are restored
+    (and saved as the latest checkpoint) before the test evaluation and the export. With 0,
+    exactly ``train.epochs`` epochs over the whole train split.
+    """
     config.validate()
     if config.task != "ranking":
         raise ValueError(f"{config.name}: task {config.task!r} is not a ranking task; run it "
@@ -55,19 +102,38 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
     out_dir = work_dir(model_dir, chief)
     seq_len = runs.max_seq_len_of(config, data)
     batch = config.data.batch_size
-    train_ds, steps = train_dataset(config, data, seq_len, batch)
+    users = user_split_of(config)
+    counts = count_split(config, data, users) if users is not None else None
+    train_ds, schedule = train_dataset(
+        config, data, seq_len, batch, users,
+        examples=None if counts is None else counts.train_examples)
     model = runs.compiled_model(config, strategy,
                                 lambda: build_ranking_model(config, data, out_dir), train_ds)
-    throughput, callbacks = runs.fit_callbacks(out_dir, batch)
+    validation: list[tf.keras.callbacks.Callback] = []
+    validator = early_stopping = None
+    if users is not None:
+        validation_ds = reader.make_dataset(
+            data, "train", config.data.eval_batch_size, max_seq_len=seq_len, shuffle=False,
+            deterministic=True, users=users.with_part("validation"))
+        validator = runs.ValidationMetrics(validation_ds, schedule,
+                                           config.train.max_eval_steps)
+        early_stopping = tf.keras.callbacks.EarlyStopping(
+            monitor="val_gauc", mode="max", patience=config.train.patience,
+            restore_best_weights=True, verbose=1 if config.train.verbose else 0)
+        validation = [validator, early_stopping]
+    throughput, callbacks = runs.fit_callbacks(
+        out_dir, batch, validation, checkpoint_monitor="val_gauc" if validation else None)
     start = time.perf_counter()
-    history = model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps,
+    history = model.fit(train_ds, epochs=schedule.periods, steps_per_epoch=schedule.period_steps,
                         callbacks=callbacks, verbose=config.train.verbose)
     train_seconds = time.perf_counter() - start
+    periods_run = len(history.history.get("loss", []))
 
     test_ds = reader.make_dataset(data, "test", config.data.eval_batch_size,
                                   max_seq_len=seq_len, shuffle=False, deterministic=True)
     eval_start = time.perf_counter()
-    predictions = evaluation.predict_split(model, test_ds, config.train.max_eval_steps)
+    predictions = evaluation.predict_split(model, test_ds, config.train.max_eval_steps,
+                                           step=None if validator is None else validator.step)
     eval_seconds = time.perf_counter() - eval_start
     test = evaluation.evaluate_predictions(predictions)
     test["examples_per_sec"] = test["examples"] / eval_seconds if eval_seconds else None
@@ -77,12 +143,37 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
         "test": test,
         "train_examples_per_sec": throughput.examples_per_sec,
         "train_seconds": train_seconds,
-        "train_steps_per_epoch": steps,
-        # The epoch mean of the training loss: what the progress bar shows last.
+        # Steps of one data epoch (a pass over the train examples).
+        "train_steps_per_epoch": schedule.epoch_steps,
+        # Per period (a Keras epoch: a data epoch, or a fraction of one with validation):
+        # the mean of the training loss over the period, what the progress bar shows last.
         "train_loss": [float(x) for x in history.history.get("loss", [])],
+        "schedule": {**schedule.as_dict(), "periods_run": periods_run,
+                     "epochs_run": schedule.data_epochs(periods_run)},
+        "validation_share": config.train.validation_share,
         "data_dir": data.path,
         "max_seq_len": seq_len,
     }
+    if counts is not None and validator is not None and early_stopping is not None:
+        records = validator.records
+        # EarlyStopping's best (the first of equal GAUCs): the restored weights.
+        best = records[early_stopping.best_epoch] if records else None
+        result.update({
+            "train_examples": counts.train_examples,
+            "validation_examples": counts.validation_examples,
+            "train_users": counts.train_users,
+            "validation_users": counts.validation_users,
+            "split_counted_by": counts.source,
+            "split_count_seconds": counts.seconds,
+            "validation": records,
+            "validation_seconds": validator.seconds,
+            "best_period": best["period"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "best_val_gauc": best["gauc"] if best else None,
+            "stopped_early": early_stopping.stopped_epoch > 0,
+        })
+    else:
+        result["train_examples"] = data.num_examples("train")
     if chief and config.train.export:
         from muse_tf.export.ranking import export_ranking_model
 
@@ -94,10 +185,20 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
     return result
 
 
+def reported_train_loss(result: dict[str, Any]) -> float | None:
+    """The train loss of the evaluated weights: the best period's with early stopping (the
+    restored weights), else the last period's."""
+    losses = result.get("train_loss") or []
+    best = result.get("best_period")
+    if best and len(losses) >= best:
+        return losses[best - 1]
+    return losses[-1] if losses else None
+
+
 def summary_table(results: list[dict[str, Any]]) -> str:
     """The table printed at the end of a ranking run or comparison."""
     rows = [(r["experiment"], r["test"]["auc"], r["test"]["gauc"], r["test"]["logloss"],
-             r["test"]["examples"], r["train_loss"][-1] if r["train_loss"] else None,
+             r["test"]["examples"], reported_train_loss(r),
              r["train_examples_per_sec"]) for r in results]
     return runs.markdown_table(
         ["experiment", "AUC", "GAUC", "logloss", "test examples", "train loss",

@@ -1,9 +1,13 @@
 """What every training run shares: the model directory, the resolved config, the history
-length, the Keras callbacks, ``metrics.json`` and the summary table printed at the end."""
+length, the Keras callbacks, ``metrics.json`` and the summary table printed at the end; and
+the ranking run's schedule (:class:`Schedule`: data epochs cut into validation periods) and
+its validation callback (:class:`ValidationMetrics`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import time
 import warnings
@@ -14,6 +18,7 @@ import tensorflow as tf
 
 from muse_tf import config as config_lib
 from muse_tf.data.data_dir import DataDir
+from muse_tf.training import evaluation
 from muse_tf.training.step import TwoOptimizerModel
 
 CONFIG_FILE = "config.yaml"
@@ -57,12 +62,14 @@ def max_seq_len_of(config: config_lib.ExperimentConfig, data: DataDir) -> int:
 def compiled_model(config: config_lib.ExperimentConfig, strategy: tf.distribute.Strategy,
                    build: Callable[[], TwoOptimizerModel],
                    dataset: tf.data.Dataset) -> TwoOptimizerModel:
-    """``build()`` under ``strategy``, compiled with the config's two learning rates, every
-    weight and optimizer slot created from the first batch of ``dataset``."""
+    """``build()`` under ``strategy``, compiled with the config's two optimizers and learning
+    rates, every weight and optimizer slot created from the first batch of ``dataset``."""
     with strategy.scope():
         model = build()
         model.compile_with_learning_rates(config.train.embedding_learning_rate,
                                           config.train.dense_learning_rate,
+                                          embedding_optimizer=config.train.embedding_optimizer,
+                                          dense_weight_decay=config.train.dense_weight_decay,
                                           steps_per_execution=config.train.steps_per_execution)
         model.build_for(next(iter(dataset.take(1))))
     return model
@@ -94,17 +101,163 @@ class Throughput(tf.keras.callbacks.Callback):
         return self.examples / self.seconds if self.seconds else float("nan")
 
 
-def fit_callbacks(work_dir: str, batch_size: int) -> tuple[Throughput,
-                                                           list[tf.keras.callbacks.Callback]]:
-    """Throughput, TensorBoard (``logs/``) and per-epoch weight checkpoints
-    (``checkpoints/ckpt-EE``) of a run."""
+def fit_callbacks(work_dir: str, batch_size: int,
+                  validation: Sequence[tf.keras.callbacks.Callback] = (),
+                  checkpoint_monitor: str | None = None,
+                  ) -> tuple[Throughput, list[tf.keras.callbacks.Callback]]:
+    """Throughput, then ``validation`` (callbacks that add ``val_*`` figures to the epoch
+    logs, and early stopping: placed before TensorBoard, the checkpoints and ``History``,
+    so that they all see those figures), TensorBoard (``logs/``) and per-(Keras-)epoch
+    weight checkpoints (``checkpoints/ckpt-EE``). With ``checkpoint_monitor`` (a ``val_*``
+    figure, higher is better) only improving epochs are saved, so the latest checkpoint holds
+    the best weights."""
     throughput = Throughput(batch_size)
+    checkpoint_path = os.path.join(work_dir, CHECKPOINT_DIR, "ckpt-{epoch:02d}")
+    if checkpoint_monitor is None:
+        checkpoint = tf.keras.callbacks.ModelCheckpoint(checkpoint_path,
+                                                        save_weights_only=True)
+    else:
+        checkpoint = tf.keras.callbacks.ModelCheckpoint(
+            checkpoint_path, save_weights_only=True, monitor=checkpoint_monitor, mode="max",
+            save_best_only=True)
     return throughput, [
         throughput,
+        *validation,
         tf.keras.callbacks.TensorBoard(os.path.join(work_dir, LOG_DIR), update_freq=50),
-        tf.keras.callbacks.ModelCheckpoint(
-            os.path.join(work_dir, CHECKPOINT_DIR, "ckpt-{epoch:02d}"), save_weights_only=True),
+        checkpoint,
     ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How a ranking run's training is cut into Keras epochs ("periods").
+
+    A *data epoch* is one pass over the train examples (``epoch_steps`` batches). Validation
+    runs at the end of every *period* of ``period_steps`` batches, the Keras
+    ``steps_per_epoch`` over the repeated train data: a data epoch, or a fraction of one (at
+    most ``train.validation_every_examples`` examples, dividing the data epoch into equal
+    periods). ``periods`` periods (the Keras ``epochs``) cover ``train.epochs`` data epochs
+    (the maximum: early stopping may end sooner), capped at ``train.max_train_steps`` steps.
+
+    Attributes:
+      epoch_steps: batches of one data epoch (None: unknown, one period = one pass).
+      period_steps: batches per period (None as ``epoch_steps``).
+      periods: periods to run at most.
+      batch_size: examples per batch.
+      max_epochs: ``train.epochs``.
+    """
+
+    epoch_steps: int | None
+    period_steps: int | None
+    periods: int
+    batch_size: int
+    max_epochs: int
+
+    def examples(self, periods_done: int) -> int | None:
+        """Train examples seen after ``periods_done`` periods (None if unknown)."""
+        if self.period_steps is None:
+            return None
+        return periods_done * self.period_steps * self.batch_size
+
+    def data_epochs(self, periods_done: int) -> float:
+        """Data epochs done after ``periods_done`` periods."""
+        if self.period_steps is None or not self.epoch_steps:
+            return float(periods_done)
+        return periods_done * self.period_steps / self.epoch_steps
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def training_schedule(config: config_lib.ExperimentConfig, examples: int | None,
+                      batch_size: int, validate: bool) -> Schedule:
+    """The :class:`Schedule` of ``examples`` train examples in batches of ``batch_size``.
+
+    With ``validate``, a period is at most ``train.validation_every_examples`` examples (0:
+    a data epoch); without, a period is a data epoch (the fixed-epoch schedule).
+    ``train.max_train_steps`` caps the steps in all (quick checks). Raises ``ValueError``
+    when ``examples`` is under one batch.
+    """
+    train = config.train
+    max_epochs = train.epochs
+    cap = train.max_train_steps
+    if examples is None:  # unknown size: Keras runs each period to the end of the data
+        if cap:
+            return Schedule(cap, cap, min(1, max_epochs), batch_size, max_epochs)
+        return Schedule(None, None, max_epochs, batch_size, max_epochs)
+    epoch_steps = examples // batch_size
+    if epoch_steps == 0:
+        raise ValueError(f"the train split holds {examples} examples, fewer than one batch of "
+                         f"data.batch_size={batch_size}")
+    period_steps = epoch_steps
+    every_steps = train.validation_every_examples // batch_size
+    if validate and train.validation_every_examples > 0 and max(1, every_steps) < epoch_steps:
+        per_epoch = math.ceil(epoch_steps / max(1, every_steps))
+        period_steps = math.ceil(epoch_steps / per_epoch)
+    total_steps = max_epochs * epoch_steps
+    if cap:
+        total_steps = min(total_steps, cap)
+    if total_steps <= 0:
+        return Schedule(epoch_steps, period_steps, 0, batch_size, max_epochs)
+    period_steps = min(period_steps, total_steps)
+    return Schedule(epoch_steps, period_steps, math.ceil(total_steps / period_steps),
+                    batch_size, max_epochs)
+
+
+class ValidationMetrics(tf.keras.callbacks.Callback):
+    """At the end of every Keras epoch (period), predicts the validation data and writes its
+    exact GAUC, AUC and logloss into the epoch ``logs`` as ``val_gauc``, ``val_auc`` and
+    ``val_logloss`` (for early stopping, TensorBoard, the checkpoints and ``History``: put
+    it before them). :attr:`records` keeps one dict per period.
+
+    Args:
+      dataset: the validation batches (deterministic).
+      schedule: of the run (data epochs and examples per period).
+      max_steps: at most this many validation batches (0: all).
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, schedule: Schedule,
+                 max_steps: int = 0) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.schedule = schedule
+        self.max_steps = max_steps
+        self.records: list[dict[str, Any]] = []
+        self.seconds = 0.0
+        self._step: evaluation.PredictStep | None = None
+
+    @property
+    def step(self) -> evaluation.PredictStep | None:
+        """The traced prediction step (after training began): reuse it for the test split."""
+        return self._step
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.records = []
+        self._step = evaluation.prediction_step(self.model)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        start = time.perf_counter()
+        predictions = evaluation.predict_split(self.model, self.dataset, self.max_steps,
+                                               step=self._step)
+        figures = evaluation.evaluate_predictions(predictions)
+        self.seconds += time.perf_counter() - start
+        if not math.isfinite(figures["gauc"]):
+            raise ValueError(
+                f"validation GAUC is undefined: none of the {figures['examples']} validation "
+                "examples' users has both a click and a non-click; raise "
+                "train.validation_share, or set it to 0 for the fixed-epoch schedule")
+        period = epoch + 1
+        record = {"period": period, "epoch": self.schedule.data_epochs(period),
+                  "examples": self.schedule.examples(period), "gauc": figures["gauc"],
+                  "auc": figures["auc"], "logloss": figures["logloss"],
+                  "gauc_batch": figures["gauc_batch"]}
+        if logs is not None:
+            loss = logs.get("loss")
+            if loss is not None:
+                record["train_loss"] = float(loss)
+            logs.update(val_gauc=figures["gauc"], val_auc=figures["auc"],
+                        val_logloss=figures["logloss"])
+        self.records.append(record)
 
 
 def steps_per_epoch(config: config_lib.ExperimentConfig, examples: int | None,
