@@ -189,17 +189,28 @@ def gauc(user_ids: object, labels: object, scores: object) -> float:
     Returns:
       GAUC as a Python float; ``nan`` when no user has both classes.
     """
+    users, y, s = _grouped_inputs("gauc", user_ids, labels, scores)
+    return _weighted_auc(*_per_user_auc(users, y, s))
+
+
+def _grouped_inputs(name: str, user_ids: object, labels: object,
+                    scores: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked ``(users, labels, scores)`` of a grouped AUC; errors name the argument."""
     y = _binary_labels(labels)
     if y.shape[0] == 0:
-        raise ValueError("gauc needs at least one sample; got empty labels.")
+        raise ValueError(f"{name} needs at least one sample; got empty labels.")
     s = _finite_scores(scores, "scores", y.shape[0])
     users = _as_1d(user_ids, "user_ids")
     if users.shape[0] != y.shape[0]:
         raise ValueError(f"user_ids has {users.shape[0]} values but labels has {y.shape[0]}.")
-    user_auc, counts, kept = _per_user_auc(users, y, s)
+    return users, y, s
+
+
+def _weighted_auc(group_auc: np.ndarray, counts: np.ndarray, kept: np.ndarray) -> float:
+    """``Σ n_g AUC_g / Σ n_g`` over the kept groups; ``nan`` when none is kept."""
     if not np.any(kept):
         return float("nan")
-    return float(np.dot(user_auc[kept], counts[kept]) / counts[kept].sum())
+    return float(np.dot(group_auc[kept], counts[kept]) / counts[kept].sum())
 
 
 def gauc_batch(user_ids: object, labels: object, scores: object,
@@ -227,18 +238,9 @@ def gauc_batch(user_ids: object, labels: object, scores: object,
     if not isinstance(batch_size, int | np.integer) or isinstance(batch_size, bool) \
             or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
-    y = _binary_labels(labels)
-    if y.shape[0] == 0:
-        raise ValueError("gauc_batch needs at least one sample; got empty labels.")
-    s = _finite_scores(scores, "scores", y.shape[0])
-    users = _as_1d(user_ids, "user_ids")
-    if users.shape[0] != y.shape[0]:
-        raise ValueError(f"user_ids has {users.shape[0]} values but labels has {y.shape[0]}.")
+    users, y, s = _grouped_inputs("gauc_batch", user_ids, labels, scores)
     batch_ids = np.arange(y.shape[0], dtype=np.int64) // int(batch_size)
-    group_auc, counts, kept = _per_user_auc(users, y, s, batch_ids)
-    if not np.any(kept):
-        return float("nan")
-    return float(np.dot(group_auc[kept], counts[kept]) / counts[kept].sum())
+    return _weighted_auc(*_per_user_auc(users, y, s, batch_ids))
 
 
 def logloss(labels: object, probs: object, eps: float = 1e-7) -> float:

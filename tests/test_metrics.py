@@ -29,16 +29,8 @@ def pairwise_auc(labels, scores) -> float:
 
 
 def reference_gauc(users, labels, scores) -> float:
-    groups: dict[int, list[tuple[int, float]]] = {}
-    for u, y, s in zip(users, labels, scores, strict=True):
-        groups.setdefault(int(u), []).append((int(y), float(s)))
-    num = den = 0.0
-    for rows in groups.values():
-        value = pairwise_auc([r[0] for r in rows], [r[1] for r in rows])
-        if not math.isnan(value):
-            num += len(rows) * value
-            den += len(rows)
-    return num / den if den else math.nan
+    """The plain loop: one group per user over all samples."""
+    return reference_gauc_batch(users, labels, scores, max(len(labels), 1))
 
 
 def random_case(rng, n, num_users, num_levels=5):

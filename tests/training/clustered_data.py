@@ -28,6 +28,21 @@ from muse_tf.data.records import encode_embedding_example, encode_sequence_examp
 Record = tuple[dict[str, int], dict[str, list[int]]]
 
 
+def write_vocabularies(path: str, train_records: list[tuple[dict, dict]]) -> None:
+    """Beam's vocabulary files (``id<TAB>count``, most frequent first) from train records."""
+    os.makedirs(os.path.join(path, layout.VOCAB_DIR), exist_ok=True)
+    for name, features in schema.vocabularies().items():
+        counts: Counter[int] = Counter()
+        for context, sequences in train_records:
+            for feature in features:
+                values = (sequences[feature.name] if feature.is_sequence
+                          else [context[feature.name]])
+                counts.update(v for v in values if v != 0)
+        with open(layout.vocab_path(path, name), "w") as f:
+            f.writelines(f"{i}\t{c}\n" for i, c in sorted(counts.items(),
+                                                         key=lambda kv: (-kv[1], kv[0])))
+
+
 def _write_records(directory: str, records: list[bytes], num_shards: int) -> list[str]:
     import tensorflow as tf
 
@@ -104,17 +119,7 @@ def write_clustered_data_dir(path: str, *, clusters: int = 16, items_per_cluster
     _write_records(os.path.join(path, layout.EMBEDDINGS_DIR),
                    [encode_embedding_example(int(i), v.tobytes())
                     for i, v in zip(items[:num_embedded], vectors, strict=True)], num_shards=1)
-    os.makedirs(os.path.join(path, layout.VOCAB_DIR), exist_ok=True)
-    for name, features in schema.vocabularies().items():
-        counts: Counter[int] = Counter()
-        for context, sequences in records["train"]:
-            for feature in features:
-                values = (sequences[feature.name] if feature.is_sequence
-                          else [context[feature.name]])
-                counts.update(v for v in values if v != 0)
-        with open(layout.vocab_path(path, name), "w") as f:
-            f.writelines(f"{i}\t{c}\n" for i, c in sorted(counts.items(),
-                                                         key=lambda kv: (-kv[1], kv[0])))
+    write_vocabularies(path, records["train"])
     metadata = {
         "splits": {split: {"rows_read": len(r), "examples_written": len(r), "rows_rejected": 0,
                            "rejected": {}, "files": files[split]}

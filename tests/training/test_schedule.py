@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -19,6 +18,8 @@ from muse_tf.data.data_dir import DataDir
 from muse_tf.data.records import encode_sequence_example
 from muse_tf.training import evaluation, runs
 from muse_tf.training.ranking import PREDICTIONS_FILE, run_ranking
+
+from .clustered_data import write_vocabularies
 
 SEQ_LEN = 12
 SMALL = ["data.batch_size=32", "data.eval_batch_size=256", "model.top_k=4",
@@ -72,17 +73,7 @@ def _write_data_dir(path: str, num_users: int = 300, train_per_user: int = 8,
                 for context, sequences in split_records[bounds[shard]:bounds[shard + 1]]:
                     writer.write(encode_sequence_example(context, sequences))
             files[split].append(f"{split}/{name}")
-    os.makedirs(os.path.join(path, layout.VOCAB_DIR), exist_ok=True)
-    for name, features in schema.vocabularies().items():
-        counts: Counter[int] = Counter()
-        for context, sequences in records["train"]:
-            for feature in features:
-                values = (sequences[feature.name] if feature.is_sequence
-                          else [context[feature.name]])
-                counts.update(v for v in values if v != 0)
-        with open(layout.vocab_path(path, name), "w") as f:
-            f.writelines(f"{i}\t{n}\n" for i, n in sorted(counts.items(),
-                                                         key=lambda kv: (-kv[1], kv[0])))
+    write_vocabularies(path, records["train"])
     os.makedirs(os.path.join(path, layout.EMBEDDINGS_DIR), exist_ok=True)
     vectors = rng.integers(-60, 61, size=(num_items, schema.MM_EMBEDDING_DIM)).astype(np.int8)
     vectors[:, 0] = np.array([item_category[int(i)] // 1000 * 20 for i in items])  # category
