@@ -38,7 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -70,6 +70,22 @@ __all__ = ["DEFAULT_TIMEOUT_SECONDS", "MAX_MESSAGE_BYTES", "PredictionClient",
            "build_predict_request", "channel_options", "features_from_record",
            "inputs_from_json", "inputs_from_tfrecord", "read_record", "read_records",
            "response_outputs"]
+
+
+def run_command(prog: str, body: Callable[[], None],
+                input_errors: tuple[type[Exception], ...] = (ValueError, OSError)) -> int:
+    """The exit code of one serving CLI: runs ``body`` (which prints its own result) and
+    maps its errors to a one-line message on stderr: 1 for a gRPC error (with its status
+    code), 2 for ``input_errors`` (a bad request or file), 0 otherwise."""
+    try:
+        body()
+    except grpc.RpcError as error:
+        print(f"{prog}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except input_errors as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def build_predict_request(
@@ -476,8 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_candidates is not None and args.tfrecord is None:
         parser.error("--num_candidates goes with --tfrecord")
 
-    with PredictionClient(args.server, timeout=args.timeout, pad=not args.no_pad) as client:
-        try:
+    def query() -> None:
+        with PredictionClient(args.server, timeout=args.timeout,
+                              pad=not args.no_pad) as client:
             signature_def = client.signature_def(args.model, args.signature, args.version)
             if args.features is not None:
                 if args.features == "-":
@@ -491,13 +508,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               args.num_candidates)
             request = client.build_request(args.model, inputs, signature_name=args.signature,
                                            version=args.version)
-            response = client.predict_response(request)
-        except grpc.RpcError as error:
-            print(f"serving.client: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
-        except (ValueError, IndexError, OSError) as error:
-            print(f"serving.client: {error}", file=sys.stderr)
-            return 2
+            responses.append(client.predict_response(request))
+
+    responses: list[predict_pb2.PredictResponse] = []
+    code = run_command("serving.client", query, (ValueError, IndexError, OSError))
+    if code:
+        return code
+    response = responses[0]
     outputs = response_outputs(response)
     print(json.dumps({
         "model": response.model_spec.name,

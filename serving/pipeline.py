@@ -29,7 +29,6 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 
-import grpc
 import numpy as np
 
 from muse_tf import schema
@@ -37,7 +36,7 @@ from muse_tf.export import requests
 from muse_tf.export.names import MISS_MODEL_NAME, RANKING_MODEL_NAME
 from muse_tf.export.signatures import ITEM_IDS, SCORES
 from serving import ranking
-from serving.client import PredictionClient
+from serving.client import PredictionClient, run_command
 from serving.signatures import InputError
 
 
@@ -114,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--retrieval-model", default=MISS_MODEL_NAME)
     parser.add_argument("--ranking-model", default=RANKING_MODEL_NAME)
     args = parser.parse_args(argv)
-    try:
+
+    def retrieve() -> None:
         with open(args.request) as f:
             user, items, categories, candidates = requests.raw_request_fields(json.load(f))
         if candidates is not None:
@@ -124,14 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with PredictionClient(args.server) as client:
             ranked = retrieve_and_rank(client, user, items, categories, catalogue,
                                        args.retrieval_model, args.ranking_model)
-    except grpc.RpcError as error:
-        print(f"serving.pipeline: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as error:
-        print(f"serving.pipeline: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps([dataclasses.asdict(r) for r in ranked], indent=1))
-    return 0
+        print(json.dumps([dataclasses.asdict(r) for r in ranked], indent=1))
+
+    return run_command("serving.pipeline", retrieve)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import grpc
 import numpy as np
 
 from muse_tf import schema
 from muse_tf.export import requests
 from muse_tf.export.names import RANKING_MODEL_NAME
 from muse_tf.export.signatures import SCORES
-from serving.client import PredictionClient
+from serving.client import PredictionClient, run_command
 from serving.signatures import InputError
 
 
@@ -80,19 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=RANKING_MODEL_NAME)
     parser.add_argument("--request", required=True, help="JSON file (see the module doc)")
     args = parser.parse_args(argv)
-    try:
+
+    def score() -> None:
         with open(args.request) as f:
             raw = json.load(f)
         with PredictionClient(args.server) as client:
             scores = rank_raw(client, raw, model=args.model)
-    except grpc.RpcError as error:
-        print(f"serving.ranking: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as error:
-        print(f"serving.ranking: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps({SCORES: [float(s) for s in scores]}))
-    return 0
+        print(json.dumps({SCORES: [float(s) for s in scores]}))
+
+    return run_command("serving.ranking", score)
 
 
 if __name__ == "__main__":

@@ -318,6 +318,7 @@ class _Target:
         self.id = id_embedding
         self.rows = rows
         self.category = category
+        self.has_mm = table.has_embedding(rows)
         self._mm: tf.Tensor | None = None
 
     @property
@@ -325,10 +326,6 @@ class _Target:
         if self._mm is None:
             self._mm = self._table(self.rows)
         return self._mm
-
-    @property
-    def has_mm(self) -> tf.Tensor:
-        return self._table.has_embedding(self.rows)
 
 
 class _History:
