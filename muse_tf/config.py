@@ -116,9 +116,13 @@ class TrainConfig:
     steps_per_execution: int = 1
     max_train_steps: int = 0     # ranking: cap on the train steps in all; retrieval: per
     #                              epoch; 0 = whole epochs
-    # Ranking: this share of the train split's users (by a hash of user_id, seeded by
-    # data.seed) is held out for validation and early stopping; 0 = no validation.
+    # Ranking: this share of the train split is held out for validation and early stopping
+    # (a hash seeded by data.seed); 0 = no validation, exactly train.epochs epochs.
     validation_share: float = 0.1
+    # What is held out: "impression" (a share of every user's impressions, by a hash of
+    # user_id and item_id: every user is trained on, as the test split's users are) or
+    # "user" (a share of the users, never trained on).
+    validation_split: str = "impression"
     patience: int = 2            # validations without a better GAUC before stopping
     # Validate every this many train examples, or once per data epoch if sooner; 0 = per
     # epoch.
@@ -184,6 +188,9 @@ class ExperimentConfig:
         if self.train.strategy not in ("default", "mirrored", "multi_worker"):
             raise ValueError(f"train.strategy={self.train.strategy!r} is not one of "
                              "default, mirrored, multi_worker")
+        if self.train.validation_split not in ("impression", "user"):
+            raise ValueError(f"train.validation_split={self.train.validation_split!r} is not "
+                             "one of impression, user")
         if not 0.0 <= self.train.validation_share < 1.0:
             raise ValueError(f"train.validation_share={self.train.validation_share!r} must be "
                              "in [0, 1) (0 = no validation split, fixed epochs)")

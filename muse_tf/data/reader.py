@@ -6,9 +6,9 @@ Pipeline (one pass, left to right)::
       --shuffle examples--> [repeat] --batch serialized--> parse_sequence_example (parallel)
       --> fixed-length right padding / newest-tail truncation --> prefetch
 
-With ``users`` (a :class:`UserSplit`), a stage right after the interleave keeps the records of
-one part of a deterministic user split (train or validation users, by a seeded hash of
-``user_id``); :func:`count_user_split` counts both parts.
+With ``users`` (a :class:`ValidationSplit`), a stage right after the interleave keeps the records
+of one part of a deterministic validation split (by a seeded hash of ``user_id`` and
+``item_id``, or of ``user_id`` alone); :func:`count_split` counts both parts.
 
 Each element is ONE dict of dense tensors for a batch of ``B`` impressions:
 
@@ -45,129 +45,178 @@ DEFAULT_SHUFFLE_BUFFER = 8192
 _DETERMINISTIC_CYCLE_LENGTH = 4
 
 
-#: Hash buckets of the user split: shares are resolved to 1/10,000.
+#: Hash buckets of the validation split: shares are resolved to 1/10,000.
 USER_SPLIT_BUCKETS = 10_000
-#: The two parts of a :class:`UserSplit`.
+#: What a :class:`ValidationSplit` holds out: a share of impressions, or of users.
+VALIDATION_SPLIT_UNITS = ("impression", "user")
+#: The two parts of a :class:`ValidationSplit`.
 USER_SPLIT_PARTS = ("train", "validation")
-#: Serialized records whose ``user_id`` is parsed at once by the user-split stage.
+#: Serialized records whose split keys are parsed at once by the validation-split stage.
 _USER_FILTER_BATCH = 1024
 
 
 @dataclasses.dataclass(frozen=True)
-class UserSplit:
-    """A deterministic split of a split's users into ``train`` and ``validation``.
+class ValidationSplit:
+    """A deterministic split of a split's records into ``train`` and ``validation``.
 
-    A user goes to validation when ``to_hash_bucket_fast("<seed>:<user_id>", 10000)`` is
-    below ``round(share * 10000)``: the same user always lands in the same part (on every
-    worker and run with the same seed), every record of a user in one part, and about
-    ``share`` of the users in validation. ``part`` names the records a dataset keeps.
+    A record goes to validation when ``to_hash_bucket_fast(key, 10000)`` is below
+    ``round(share * 10000)``, where the key is ``"<seed>:<user_id>:<item_id>"`` for
+    ``unit="impression"`` (the default: every user keeps about ``1 - share`` of its
+    impressions for training, as in the test split, whose users are the train users seen
+    later; all impressions of one user-item pair land in one part) and ``"<seed>:<user_id>"``
+    for ``unit="user"`` (every record of a user in one part: validation users are never
+    trained on). The same record always lands in the same part, on every worker and run with
+    the same seed. ``part`` names the records a dataset keeps.
 
     Attributes:
-      share: the share of users held out for validation, in ``(0, 1)``.
-      seed: mixed into the hash (another seed, another set of validation users).
-      part: ``"train"`` (users outside the share) or ``"validation"`` (inside).
+      share: the share of records (or users) held out for validation, in ``(0, 1)``.
+      seed: mixed into the hash (another seed, another validation set).
+      unit: ``"impression"`` or ``"user"``.
+      part: ``"train"`` (outside the share) or ``"validation"`` (inside).
     """
 
     share: float
     seed: int
+    unit: str = "impression"
     part: str = "train"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.share < 1.0:
-            raise ValueError(f"a user split needs a validation share in (0, 1), got "
+            raise ValueError(f"a validation split needs a share in (0, 1), got "
                              f"{self.share!r}")
+        if self.unit not in VALIDATION_SPLIT_UNITS:
+            raise ValueError(f"unit={self.unit!r} is not one of {VALIDATION_SPLIT_UNITS}")
         if self.part not in USER_SPLIT_PARTS:
             raise ValueError(f"part={self.part!r} is not one of {USER_SPLIT_PARTS}")
 
-    def with_part(self, part: str) -> UserSplit:
+    @property
+    def bucket_share(self) -> float:
+        """The share actually held out: whole hash buckets, ``round(share * 10000) / 10000``."""
+        return round(self.share * USER_SPLIT_BUCKETS) / USER_SPLIT_BUCKETS
+
+    def with_part(self, part: str) -> ValidationSplit:
         """The same split, keeping ``part``."""
         return dataclasses.replace(self, part=part)
 
-    def held_out(self, user_ids: tf.Tensor) -> tf.Tensor:
-        """bool, same shape as the int64 ``user_ids``: True for validation users."""
-        keys = tf.strings.join([tf.strings.as_string(tf.constant(self.seed, tf.int64)),
-                                tf.strings.as_string(tf.cast(user_ids, tf.int64))],
-                               separator=":")
-        buckets = tf.strings.to_hash_bucket_fast(keys, USER_SPLIT_BUCKETS)
+    def held_out(self, user_ids: tf.Tensor, item_ids: tf.Tensor | None = None) -> tf.Tensor:
+        """bool, same shape as the int64 ``user_ids``: True for validation records (with
+        ``unit="impression"`` the records' ``item_ids`` are needed too)."""
+        parts = [tf.strings.as_string(tf.constant(self.seed, tf.int64)),
+                 tf.strings.as_string(tf.cast(user_ids, tf.int64))]
+        if self.unit == "impression":
+            if item_ids is None:
+                raise ValueError("an impression split hashes user_id and item_id: pass "
+                                 "item_ids")
+            parts.append(tf.strings.as_string(tf.cast(item_ids, tf.int64)))
+        buckets = tf.strings.to_hash_bucket_fast(tf.strings.join(parts, separator=":"),
+                                                 USER_SPLIT_BUCKETS)
         return buckets < round(self.share * USER_SPLIT_BUCKETS)
 
-    def keeps(self, user_ids: tf.Tensor) -> tf.Tensor:
-        """bool: True for the users of :attr:`part`."""
-        held = self.held_out(user_ids)
+    def keeps(self, user_ids: tf.Tensor, item_ids: tf.Tensor | None = None) -> tf.Tensor:
+        """bool: True for the records of :attr:`part`."""
+        held = self.held_out(user_ids, item_ids)
         return held if self.part == "validation" else tf.logical_not(held)
 
     def filter_serialized(self, serialized: tf.Tensor) -> tf.Tensor:
-        """``[N]`` serialized records -> those of :attr:`part`'s users (only ``user_id``
-        is parsed)."""
-        return tf.boolean_mask(serialized, self.keeps(_parse_user_ids(serialized)))
+        """``[N]`` serialized records -> those of :attr:`part` (only ``user_id`` and, for an
+        impression split, ``item_id`` are parsed)."""
+        user_ids, item_ids = _parse_split_keys(serialized)
+        return tf.boolean_mask(serialized, self.keeps(user_ids, item_ids))
 
 
 @dataclasses.dataclass(frozen=True)
-class UserSplitCounts:
-    """Examples and users in each part of a :class:`UserSplit` of one split.
+class SplitCounts:
+    """Examples and users in each part of a :class:`ValidationSplit` of one split.
 
     Attributes:
       train_examples, validation_examples: records of each part.
-      train_users, validation_users: distinct users of each part.
-      source: ``"vocabulary"`` (the train user vocabulary's per-user counts, which add up
-        to the metadata's example count: no data read) or ``"pass"`` (one pass over the
-        records, parsing only ``user_id``).
+      train_users, validation_users: distinct users of each part (an impression split's
+        users are in both parts); None for an estimate.
+      source: ``"vocabulary"`` (a user split: the train user vocabulary's per-user counts,
+        which add up to the metadata's example count: no data read), ``"pass"`` (one pass
+        over the records, parsing only ``user_id`` and ``item_id``) or ``"estimate"`` (an
+        impression split of more than :data:`EXACT_COUNT_LIMIT` records: the metadata's
+        count times the held-out share; the validation passes count their part exactly).
       seconds: what counting took.
     """
 
     train_examples: int
     validation_examples: int
-    train_users: int
-    validation_users: int
+    train_users: int | None
+    validation_users: int | None
     source: str
     seconds: float
 
 
-def _parse_user_ids(serialized: tf.Tensor) -> tf.Tensor:
+#: An impression split of at most this many records is counted by one pass over them;
+#: larger ones are estimated from the metadata (a pass over 99M records costs as much as
+#: a data epoch of reading).
+EXACT_COUNT_LIMIT = 2_000_000
+
+
+def _parse_split_keys(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``user_id`` and ``item_id`` of ``[N]`` serialized records (nothing else parsed)."""
     context, _, _ = tf.io.parse_sequence_example(
         serialized, context_features={
-            schema.USER_ID.name: tf.io.FixedLenFeature([], tf.int64)})
-    return context[schema.USER_ID.name]
+            schema.USER_ID.name: tf.io.FixedLenFeature([], tf.int64),
+            schema.ITEM_ID.name: tf.io.FixedLenFeature([], tf.int64)})
+    return context[schema.USER_ID.name], context[schema.ITEM_ID.name]
 
 
-def count_user_split(data: DataDir, split: str, users: UserSplit) -> UserSplitCounts:
-    """Exact example and user counts of both parts of ``users`` over ``split``.
+def _read_split_keys(data: DataDir, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(user_ids, item_ids)`` of every record of ``split``: one pass, two fields parsed."""
+    dataset = tf.data.Dataset.from_tensor_slices(data.split_files(split)).interleave(
+        lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
+        cycle_length=_DETERMINISTIC_CYCLE_LENGTH, num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=False).batch(4 * _USER_FILTER_BATCH).map(
+        _parse_split_keys, num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=False).prefetch(tf.data.AUTOTUNE)
+    parts = [(users.numpy(), items.numpy()) for users, items in dataset]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
-    For ``"train"``, when ``vocab/user.tsv``'s counts add up to the split's
-    ``examples_written`` (every record counted once: Beam counts the train users per written
-    record), the counts come from it (milliseconds). Otherwise one pass over the records
-    parses only ``user_id`` (the cost of reading and decompressing the split once).
+
+def count_split(data: DataDir, split: str, holdout: ValidationSplit) -> SplitCounts:
+    """Example (and user) counts of both parts of ``holdout`` over ``split``.
+
+    A user split of ``"train"`` is counted from ``vocab/user.tsv`` when its counts add up to
+    the split's ``examples_written`` (every record counted once: Beam counts the train users
+    per written record; milliseconds). An impression split of more than
+    :data:`EXACT_COUNT_LIMIT` records is estimated from the metadata. Otherwise one pass over
+    the records parses ``user_id`` and ``item_id`` (the cost of reading and decompressing the
+    split once).
     """
     start = time.perf_counter()
     expected = data.num_examples(split)
+    if holdout.unit == "impression" and expected is not None and expected > EXACT_COUNT_LIMIT:
+        validation = round(expected * holdout.bucket_share)
+        return SplitCounts(expected - validation, validation, None, None, "estimate",
+                           time.perf_counter() - start)
     ids = counts = None
-    source = "pass"
-    if split == "train" and expected is not None:
+    if holdout.unit == "user" and split == "train" and expected is not None:
         try:
             ids, counts = data.vocabulary(schema.USER_ID.vocabulary or "user")
         except (FileNotFoundError, OSError, ValueError, tf.errors.NotFoundError):
             ids = counts = None
-        if counts is not None and int(np.sum(counts)) == expected:
-            source = "vocabulary"
-        else:
+        if counts is None or int(np.sum(counts)) != expected:
             ids = counts = None
-    if ids is None or counts is None:
-        dataset = tf.data.Dataset.from_tensor_slices(data.split_files(split)).interleave(
-            lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
-            cycle_length=_DETERMINISTIC_CYCLE_LENGTH, num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=False).batch(4 * _USER_FILTER_BATCH).map(
-            _parse_user_ids, num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=False).prefetch(tf.data.AUTOTUNE)
-        parts = [batch.numpy() for batch in dataset]
-        all_ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        ids, counts = np.unique(all_ids, return_counts=True)
-    ids = np.asarray(ids, np.int64)
-    counts = np.asarray(counts, np.int64)
-    held = (users.held_out(tf.constant(ids)).numpy() if ids.size
-            else np.zeros(0, bool))
-    return UserSplitCounts(
-        train_examples=int(counts[~held].sum()), validation_examples=int(counts[held].sum()),
-        train_users=int((~held).sum()), validation_users=int(held.sum()), source=source,
+    if ids is not None and counts is not None:
+        ids = np.asarray(ids, np.int64)
+        counts = np.asarray(counts, np.int64)
+        held = (holdout.held_out(tf.constant(ids)).numpy() if ids.size
+                else np.zeros(0, bool))
+        return SplitCounts(
+            train_examples=int(counts[~held].sum()), validation_examples=int(counts[held].sum()),
+            train_users=int((~held).sum()), validation_users=int(held.sum()),
+            source="vocabulary", seconds=time.perf_counter() - start)
+    user_ids, item_ids = _read_split_keys(data, split)
+    held = (holdout.held_out(tf.constant(user_ids), tf.constant(item_ids)).numpy()
+            if user_ids.size else np.zeros(0, bool))
+    return SplitCounts(
+        train_examples=int((~held).sum()), validation_examples=int(held.sum()),
+        train_users=int(np.unique(user_ids[~held]).size),
+        validation_users=int(np.unique(user_ids[held]).size), source="pass",
         seconds=time.perf_counter() - start)
 
 
@@ -193,7 +242,8 @@ def make_dataset(
     seed: int | None = None,
     drop_remainder: bool = False,
     num_parallel_reads: int = tf.data.AUTOTUNE,
-    users: UserSplit | None = None,
+    users: ValidationSplit | None = None,
+    skip_examples: int = 0,
 ) -> tf.data.Dataset:
     """Batches of dense tensors from split ``split`` of the Beam output directory.
 
@@ -214,7 +264,11 @@ def make_dataset(
       drop_remainder: drop a last, smaller batch (gives a static batch dimension).
       num_parallel_reads: shards read at once (AUTOTUNE: one per core; 4 when
         ``deterministic`` or ``seed`` is set, so the order does not depend on the machine).
-      users: keep only the records of this part of a user split (None: every record).
+      users: keep only the records of this part of a validation split (None: every
+        record).
+      skip_examples: start this many (shuffled, repeated) records in: where a resumed run
+        left off. The skipped records are read and decompressed, not parsed; a seeded
+        dataset then continues exactly where the interrupted one was.
 
     Returns:
       A dataset of dicts; see the module docstring for names, shapes and dtypes.
@@ -230,7 +284,7 @@ def make_dataset(
     return make_dataset_from_files(
         files, batch_size, max_seq_len, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
         repeat=repeat, deterministic=deterministic, seed=seed, drop_remainder=drop_remainder,
-        num_parallel_reads=num_parallel_reads, users=users)
+        num_parallel_reads=num_parallel_reads, users=users, skip_examples=skip_examples)
 
 
 def make_dataset_from_files(
@@ -246,7 +300,8 @@ def make_dataset_from_files(
     drop_remainder: bool = False,
     num_parallel_reads: int = tf.data.AUTOTUNE,
     compression_type: str = "GZIP",
-    users: UserSplit | None = None,
+    users: ValidationSplit | None = None,
+    skip_examples: int = 0,
 ) -> tf.data.Dataset:
     """Like :func:`make_dataset`, over an explicit list of ``SequenceExample`` shards.
 
@@ -290,6 +345,10 @@ def make_dataset_from_files(
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
+    if skip_examples < 0:
+        raise ValueError(f"skip_examples={skip_examples} must be >= 0")
+    if skip_examples:
+        dataset = dataset.skip(skip_examples)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     dataset = dataset.map(
         BatchParser(max_seq_len), num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)

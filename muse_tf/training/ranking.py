@@ -1,5 +1,5 @@
 """One ranking run: train with Keras ``fit`` (under the configured ``tf.distribute``
-strategy) with early stopping on a validation split of train users, evaluate
+strategy) with early stopping on a validation split held out of train, evaluate
 AUC/GAUC/logloss on the test split, export for TF Serving.
 
 Writes into the model directory: ``config.yaml`` (the resolved config), ``vocab/``,
@@ -28,31 +28,35 @@ from muse_tf.training.strategy import is_chief, make_strategy, shard_for_strateg
 PREDICTIONS_FILE = "test_predictions.npz"
 
 
-def user_split_of(config: config_lib.ExperimentConfig) -> reader.UserSplit | None:
-    """The train/validation user split of ``train.validation_share`` (seeded by
-    ``data.seed``), or None when the share is 0 (no validation, fixed epochs)."""
+def validation_split_of(config: config_lib.ExperimentConfig) -> reader.ValidationSplit | None:
+    """The train/validation split of ``train.validation_share`` and
+    ``train.validation_split`` (seeded by ``data.seed``), or None when the share is 0 (no
+    validation, fixed epochs)."""
     share = config.train.validation_share
-    return reader.UserSplit(share, config.data.seed) if share > 0 else None
+    if share <= 0:
+        return None
+    return reader.ValidationSplit(share, config.data.seed, unit=config.train.validation_split)
 
 
 def count_split(config: config_lib.ExperimentConfig, data: DataDir,
-                users: reader.UserSplit) -> reader.UserSplitCounts:
-    """Both parts of ``users`` over the train split, counted exactly; a ``ValueError`` naming
-    the counts when either part is empty."""
-    counts = reader.count_user_split(data, "train", users)
+                holdout: reader.ValidationSplit) -> reader.SplitCounts:
+    """Both parts of ``holdout`` over the train split (:func:`muse_tf.data.reader.count_split`);
+    a ``ValueError`` naming the counts when either part is empty."""
+    counts = reader.count_split(data, "train", holdout)
     if counts.train_examples == 0 or counts.validation_examples == 0:
         empty = "validation" if counts.validation_examples == 0 else "train"
         raise ValueError(
-            f"{data.path}: train.validation_share={users.share} (seed data.seed="
-            f"{users.seed}) leaves the {empty} part of the train split empty: "
-            f"{counts.train_examples} train examples of {counts.train_users} users, "
-            f"{counts.validation_examples} validation examples of {counts.validation_users} "
-            "users; choose another share or seed, or set train.validation_share=0")
+            f"{data.path}: train.validation_share={holdout.share} "
+            f"(train.validation_split={holdout.unit}, seed data.seed={holdout.seed}) leaves the "
+            f"{empty} part of the train split empty: {counts.train_examples} train examples "
+            f"of {counts.train_users} users, {counts.validation_examples} validation examples "
+            f"of {counts.validation_users} users; choose another share or seed, or set "
+            "train.validation_share=0")
     return counts
 
 
 def train_dataset(config: config_lib.ExperimentConfig, data: DataDir, seq_len: int,
-                  batch_size: int, users: reader.UserSplit | None = None,
+                  batch_size: int, users: reader.ValidationSplit | None = None,
                   examples: int | None = None) -> tuple[tf.data.Dataset, runs.Schedule]:
     """The shuffled train batches (repeated when the size is known) and their schedule.
 
@@ -61,7 +65,7 @@ def train_dataset(config: config_lib.ExperimentConfig, data: DataDir, seq_len: i
       data: the data directory.
       seq_len: history length of the batches.
       batch_size: examples per batch.
-      users: keep only the train part of this user split (None: every train example).
+      users: keep only the train part of this validation split (None: every train example).
       examples: train examples (default: the split's count in the metadata; with ``users``
         pass the counted train part).
     """
@@ -85,8 +89,9 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
     """Train + evaluate (+ export) one ranking experiment; returns the metrics dict (also
     written to ``metrics.json``).
 
-    With ``train.validation_share`` > 0 (the default) that share of the train split's users is
-    held out; the model is validated (exact GAUC, AUC, logloss) at the end of every period
+    With ``train.validation_share`` > 0 (the default) that share of the train split is held
+    out (``train.validation_split``: of every user's impressions, the default, or of the
+    users); the model is validated (exact GAUC, AUC, logloss) at the end of every period
     (:class:`~muse_tf.training.runs.Schedule`), training stops when the validation GAUC has
     not improved for ``train.patience`` periods, and the best period's weights are restored
     (and saved as the latest checkpoint) before the test evaluation and the export. With 0,
@@ -102,7 +107,7 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
     out_dir = work_dir(model_dir, chief)
     seq_len = runs.max_seq_len_of(config, data)
     batch = config.data.batch_size
-    users = user_split_of(config)
+    users = validation_split_of(config)
     counts = count_split(config, data, users) if users is not None else None
     train_ds, schedule = train_dataset(
         config, data, seq_len, batch, users,
@@ -163,7 +168,10 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
             "validation_examples": counts.validation_examples,
             "train_users": counts.train_users,
             "validation_users": counts.validation_users,
+            "validation_split": users.unit if users is not None else None,
             "split_counted_by": counts.source,
+            # What the validation passes read (all of the part unless train.max_eval_steps).
+            "validation_examples_read": validator.examples_read,
             "split_count_seconds": counts.seconds,
             "validation": records,
             "validation_seconds": validator.seconds,

@@ -224,6 +224,8 @@ class ValidationMetrics(tf.keras.callbacks.Callback):
         self.max_steps = max_steps
         self.records: list[dict[str, Any]] = []
         self.seconds = 0.0
+        #: Validation examples of the last pass.
+        self.examples_read = 0
         self._step: evaluation.PredictStep | None = None
 
     @property
@@ -241,6 +243,7 @@ class ValidationMetrics(tf.keras.callbacks.Callback):
                                                step=self._step)
         figures = evaluation.evaluate_predictions(predictions)
         self.seconds += time.perf_counter() - start
+        self.examples_read = int(figures["examples"])
         if not math.isfinite(figures["gauc"]):
             raise ValueError(
                 f"validation GAUC is undefined: none of the {figures['examples']} validation "

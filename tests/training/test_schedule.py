@@ -1,4 +1,4 @@
-"""The ranking schedule: the user split of train into train/validation, validation periods,
+"""The ranking schedule: the validation split of train (by impression or by user), validation periods,
 early stopping on validation GAUC with the best weights restored, metrics.json, and the
 fixed-epoch schedule of ``train.validation_share=0``."""
 
@@ -115,31 +115,37 @@ class _NoVocabulary(DataDir):
         raise FileNotFoundError(name)
 
 
-# ----------------------------------------------------------------------------- the user split
+# ----------------------------------------------------------------------------- the split
+
+
+def _user_split(share: float, seed: int) -> reader.ValidationSplit:
+    return reader.ValidationSplit(share, seed, unit="user")
 
 
 def test_user_hash_is_deterministic_near_the_share_and_seeded():
     ids = tf.constant(np.random.default_rng(0).integers(-(2**63), 2**63 - 1, 100_000,
                                                          dtype=np.int64))
-    split = reader.UserSplit(0.1, seed=7)
+    split = _user_split(0.1, seed=7)
     held = split.held_out(ids).numpy()
     assert 0.095 < held.mean() < 0.105
-    assert np.array_equal(held, reader.UserSplit(0.1, seed=7).held_out(ids).numpy())
-    other = reader.UserSplit(0.1, seed=8).held_out(ids).numpy()
+    assert np.array_equal(held, _user_split(0.1, seed=7).held_out(ids).numpy())
+    other = _user_split(0.1, seed=8).held_out(ids).numpy()
     assert 0.07 < (held & other).sum() / held.sum() < 0.13  # another seed: other users
     train = split.with_part("train").keeps(ids).numpy()
     assert np.array_equal(train, ~held)
     assert np.array_equal(split.with_part("validation").keeps(ids).numpy(), held)
     with pytest.raises(ValueError, match=r"share in \(0, 1\)"):
-        reader.UserSplit(0.0, seed=7)
+        _user_split(0.0, seed=7)
+    with pytest.raises(ValueError, match="unit='day' is not one of"):
+        reader.ValidationSplit(0.1, 7, unit="day")
 
 
 def test_user_split_of_a_data_dir_is_disjoint_and_the_counts_add_up(users_data_dir):
     data = DataDir.open(users_data_dir)
-    split = reader.UserSplit(0.1, seed=7)
-    counts = reader.count_user_split(data, "train", split)
+    split = _user_split(0.1, seed=7)
+    counts = reader.count_split(data, "train", split)
     assert counts.source == "vocabulary"
-    by_pass = reader.count_user_split(_NoVocabulary(data.path, data.metadata), "train", split)
+    by_pass = reader.count_split(_NoVocabulary(data.path, data.metadata), "train", split)
     assert by_pass.source == "pass"
     assert (by_pass.train_examples, by_pass.validation_examples, by_pass.train_users,
             by_pass.validation_users) == (counts.train_examples, counts.validation_examples,
@@ -163,6 +169,47 @@ def test_user_split_of_a_data_dir_is_disjoint_and_the_counts_add_up(users_data_d
     assert len(set(validation)) == counts.validation_users
     # The same examples in the same order on every pass.
     assert np.array_equal(validation, read("validation", shuffle=False, deterministic=True))
+
+
+def _impressions(dataset: tf.data.Dataset) -> list[tuple[int, int, int]]:
+    return [(int(u), int(i), int(n)) for b in dataset
+            for u, i, n in zip(b[schema.USER_ID.name].numpy(), b[schema.ITEM_ID.name].numpy(),
+                               b[schema.HISTORY_LENGTH].numpy(), strict=True)]
+
+
+def test_impression_split_trains_every_user_and_counts_exactly(users_data_dir):
+    data = DataDir.open(users_data_dir)
+    split = reader.ValidationSplit(0.1, seed=7)
+    assert split.unit == "impression"
+    counts = reader.count_split(data, "train", split)
+    assert counts.source == "pass"
+    assert counts.train_examples + counts.validation_examples == 2400
+    assert 0.07 < counts.validation_examples / 2400 < 0.13
+
+    def read(part: str, **kwargs) -> list[tuple[int, int, int]]:
+        return _impressions(reader.make_dataset(data, "train", 64, users=split.with_part(part),
+                                                **kwargs))
+
+    validation = read("validation", shuffle=False, deterministic=True)
+    train = read("train", shuffle=True, seed=3)
+    everything = _impressions(reader.make_dataset(data, "train", 64, shuffle=False,
+                                                  deterministic=True))
+    assert (len(train), len(validation)) == (counts.train_examples, counts.validation_examples)
+    assert sorted(train + validation) == sorted(everything)   # nothing lost, nothing twice
+    # A user-item pair lands in one part; most validation users are trained on too.
+    assert not {(u, i) for u, i, _ in validation} & {(u, i) for u, i, _ in train}
+    validation_users = {u for u, _, _ in validation}
+    assert len(validation_users) == counts.validation_users
+    assert len(validation_users & {u for u, _, _ in train}) > 0.9 * len(validation_users)
+    assert counts.train_users == len({u for u, _, _ in train})
+
+
+def test_a_large_impression_split_is_estimated_from_the_metadata(users_data_dir, monkeypatch):
+    monkeypatch.setattr(reader, "EXACT_COUNT_LIMIT", 1000)
+    counts = reader.count_split(DataDir.open(users_data_dir), "train",
+                                reader.ValidationSplit(0.1, seed=7))
+    assert counts.source == "estimate" and counts.train_users is None
+    assert (counts.train_examples, counts.validation_examples) == (2160, 240)
 
 
 # ----------------------------------------------------------------------------- the schedule
@@ -298,12 +345,14 @@ def test_default_schedule_validates_stops_early_and_keeps_the_best_weights(users
     result = run_ranking(config, model_dir, users_data_dir)
     with open(os.path.join(model_dir, runs.METRICS_FILE)) as f:
         saved = json.load(f)
-    counts = reader.count_user_split(DataDir.open(users_data_dir), "train",
-                                     reader.UserSplit(0.1, config.data.seed))
+    counts = reader.count_split(DataDir.open(users_data_dir), "train",
+                                reader.ValidationSplit(0.1, config.data.seed))
     assert (saved["train_examples"], saved["validation_examples"]) == (
         counts.train_examples, counts.validation_examples)
     assert saved["train_examples"] + saved["validation_examples"] == 2400
-    assert saved["validation_share"] == 0.1 and saved["split_counted_by"] == "vocabulary"
+    assert saved["validation_share"] == 0.1 and saved["split_counted_by"] == "pass"
+    assert saved["validation_split"] == "impression"
+    assert saved["validation_examples_read"] == counts.validation_examples
     # ~2,160 train examples / 32 = 67 steps per epoch, validated every 1,000 examples: in
     # 3 equal periods of 23 steps (736 examples).
     schedule = saved["schedule"]
