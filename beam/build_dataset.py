@@ -3,7 +3,7 @@
 Usage::
 
     python -m beam.build_dataset --input DIR --output DIR [--max-seq-len N] [--min-count K]
-        [--num-shards N] [--compression-level L] [--overwrite]
+        [--num-shards N] [--compression-level L] [--overwrite] [--allow-empty]
         [--train-samples GLOBS] [--test-samples GLOBS] [--train-user-features GLOBS]
         [--test-user-features GLOBS] [--item-features GLOBS] [--embeddings GLOBS]
         [Beam options]
@@ -28,6 +28,14 @@ carried to the user join and only rejected there, so that "no user features" tak
 precedence (the demo files' samples join with neither table). Only user histories (as
 int64 bytes) and samples cross the user shuffle; records are built and written in the
 same fused stage, one user's records next to each other.
+
+Exit status of the command: 0 when every split that read sample rows wrote examples; 1 when
+the build failed (e.g. :class:`beam.io.ParquetReadError`: a file that cannot be read, named
+with its table) or when a split read rows but wrote no example (nothing joined: the counts
+go to stderr, metadata.json and the rejected rows stay for inspection; ``--allow-empty``
+makes this a warning with status 0); 2 for bad flags, missing inputs or an existing output.
+Temporary ``beam-temp-*`` directories are removed after the run, also a failed one;
+leftovers of a killed run count as existing output (``--overwrite`` removes them).
 """
 
 from __future__ import annotations
@@ -145,7 +153,12 @@ class BuildDatasetOptions(PipelineOptions):
                             default=beam_io.DEFAULT_COMPRESSION_LEVEL,
                             help="zlib level (0-9) of the gzip TFRecords")
         parser.add_argument("--overwrite", dest="overwrite", action="store_true",
-                            default=False, help="replace an existing data directory's files")
+                            default=False, help="replace an existing data directory's files "
+                                                "(and remove beam-temp-* leftovers)")
+        parser.add_argument("--allow-empty", "--allow_empty", dest="allow_empty",
+                            action="store_true", default=False,
+                            help="exit 0 even when a split reads rows but writes no example "
+                                 "(nothing joined); the counts are still printed to stderr")
         for flag, stem in TABLE_FLAGS.items():
             parser.add_argument(
                 f"--{flag}", dest=f"table_{stem}", default=None,
@@ -195,14 +208,42 @@ def _output_files(output_dir: str) -> list[str]:
     return beam_io.match_files(patterns)
 
 
+def _sink_dirs(output_dir: str) -> list[str]:
+    """The directories :func:`build_pipeline`'s file sinks write ``part-*`` files into.
+
+    Beam keeps each sink's shards in a ``beam-temp-*`` directory there until it finalises.
+    """
+    dirs = [FileSystems.join(output_dir, split) for split in layout.SPLITS]
+    dirs.append(FileSystems.join(output_dir, layout.EMBEDDINGS_DIR))
+    dirs += [FileSystems.join(output_dir, layout.REJECTED_DIR, s) for s in _sections()]
+    return dirs
+
+
 def _prepare_output(config: BuildConfig) -> None:
     existing = _output_files(config.output_dir)
+    leftovers = beam_io.find_sink_temp_dirs(_sink_dirs(config.output_dir))
     if existing and not config.overwrite:
         raise FileExistsError(
             f"output directory {config.output_dir} already holds a data set ({len(existing)} "
             f"files, e.g. {existing[0]}); pass --overwrite or choose another --output")
+    if leftovers and not config.overwrite:
+        raise FileExistsError(
+            f"output directory {config.output_dir} holds {len(leftovers)} temporary "
+            f"directories of an unfinished build (e.g. {leftovers[0]}); pass --overwrite to "
+            f"remove them or choose another --output")
     if existing:
         FileSystems.delete(existing)
+    if leftovers:
+        beam_io.remove_sink_temp_dirs(_sink_dirs(config.output_dir))
+
+
+def remove_temp_dirs(output_dir: str) -> list[str]:
+    """Removes the ``beam-temp-*`` directories of the sinks under ``output_dir``.
+
+    Returns the removed directories. Sinks remove their own when they finalise; this is for
+    what a failed run leaves behind.
+    """
+    return beam_io.remove_sink_temp_dirs(_sink_dirs(output_dir))
 
 
 def _input_files(config: BuildConfig) -> dict[str, list[str]]:
@@ -364,13 +405,113 @@ def pipeline_options(argv: Sequence[str] | None = None) -> PipelineOptions:
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Builds the data set; returns the metadata (read back from ``metadata.json``)."""
+    """Builds the data set; returns the metadata (read back from ``metadata.json``).
+
+    A split that writes no example is not an error here (see :func:`empty_splits`; the
+    command line fails on it). After the run, also a failed one, no ``beam-temp-*``
+    directory is left in the output (an interrupted run may leave some: ``--overwrite``
+    removes them).
+
+    Raises:
+      FileNotFoundError: a table matches no file.
+      FileExistsError: the output holds a data set or leftovers, without ``--overwrite``.
+      beam.io.ParquetReadError: a file cannot be read (the message names table and file).
+    """
     options = pipeline_options(argv)
     config = config_from_options(options)
-    with beam.Pipeline(options=options) as p:
-        build_pipeline(p, options)
+    # Temp dirs are removed only once the job is over: not after a failure while building
+    # the graph (leftovers without --overwrite are the user's), not on KeyboardInterrupt
+    # and not with --no_wait_until_finish (a remote job may still be writing).
+    waits = not options.view_as(StandardOptions).no_wait_until_finish
+    built = False
+    try:
+        with beam.Pipeline(options=options) as p:
+            build_pipeline(p, options)  # checks inputs and output before anything is written
+            built = True
+    except Exception:
+        if built and waits:
+            try:
+                remove_temp_dirs(config.output_dir)
+            except Exception as cleanup_error:  # never hide the build's own error
+                logging.warning("could not remove beam-temp-* directories under %s: %s",
+                                config.output_dir, cleanup_error)
+        raise
+    if waits:
+        remove_temp_dirs(config.output_dir)
     with FileSystems.open(layout.metadata_path(config.output_dir)) as handle:
         return json.loads(handle.read().decode("utf-8"))
+
+
+def empty_splits(metadata: Mapping[str, Any]) -> list[str]:
+    """Splits that read sample rows but wrote no example (nothing joined)."""
+    return [split for split, entry in metadata["splits"].items()
+            if entry[transforms.ROWS_READ] > 0 and entry[transforms.EXAMPLES_WRITTEN] == 0]
+
+
+#: Why samples are rejected, for the report of an empty split.
+_REASON_HINTS = {
+    transforms.NO_USER_FEATURES: f"their user ids ({schema.USER_ID.key!r}) are not in the "
+                                 "split's user-feature table",
+    transforms.NO_ITEM_FEATURES: f"their target item ids ({schema.ITEM_ID.key!r}) are not "
+                                 "in the item-feature table",
+    transforms.NULL_ID: "their user or item id is null or 0",
+    transforms.BAD_LABEL: f"their label ({schema.LABEL.key!r}) is not one-hot [1,0] / [0,1]",
+    transforms.HISTORY_LENGTH_MISMATCH: "their user's history columns differ in length",
+}
+
+
+def _count_line(name: str, entry: Mapping[str, Any], output: str) -> str:
+    rejected = sorted(((r, n) for r, n in entry["rejected"].items() if n),
+                      key=lambda kv: (-kv[1], kv[0]))
+    reasons = f" ({', '.join(f'{r} {n}' for r, n in rejected)})" if rejected else ""
+    return (f"  {name}: rows read {entry[transforms.ROWS_READ]}, {output.replace('_', ' ')} "
+            f"{entry[output]}, rejected {entry['rows_rejected']}{reasons}")
+
+
+def count_report(metadata: Mapping[str, Any]) -> list[str]:
+    """Lines of counts: per split and per table, rows read, out and rejected by reason."""
+    lines = [_count_line(split, entry, transforms.EXAMPLES_WRITTEN)
+             for split, entry in metadata["splits"].items()]
+    for name, entry in metadata["tables"].items():
+        output = next(c for c in (transforms.ROWS_KEPT, transforms.ROWS_WRITTEN) if c in entry)
+        lines.append(_count_line(name, entry, output))
+    return lines
+
+
+def empty_split_report(metadata: Mapping[str, Any], output_dir: str, allow_empty: bool
+                       ) -> str:
+    """The stderr message of a build whose splits read rows but wrote no example ("" if none).
+
+    Also warns (one line) about a split that read no sample row at all.
+    """
+    empty = empty_splits(metadata)
+    no_input = [s for s, e in metadata["splits"].items() if e[transforms.ROWS_READ] == 0]
+    lines = [f"warning: split {s!r} read no sample rows (its sample files hold no rows)"
+             for s in no_input]
+    if not empty:
+        return "\n".join(lines)
+    kind = "warning" if allow_empty else "error"
+    for split in empty:
+        entry = metadata["splits"][split]
+        lines.append(f"{kind}: split {split!r} read {entry[transforms.ROWS_READ]} sample rows "
+                     f"but wrote 0 examples: nothing joined")
+    lines.append("counts:")
+    lines += count_report(metadata)
+    for split in empty:
+        entry = metadata["splits"][split]
+        reasons = entry["rejected"]
+        top = max(reasons, key=lambda r: reasons[r]) if reasons else None
+        if top is not None and reasons[top] and top in _REASON_HINTS:
+            lines.append(f"{split}: {reasons[top]} of {entry[transforms.ROWS_READ]} rows "
+                         f"rejected as {top}: {_REASON_HINTS[top]}")
+    lines.append("check that the sample and feature tables come from the same cut of the data "
+                 "(tables cut independently, like the ten-row TAOBAO-MM sample files, do not "
+                 "join)")
+    lines.append(f"kept for inspection: {layout.metadata_path(output_dir)} and the rejected "
+                 f"rows under {FileSystems.join(output_dir, layout.REJECTED_DIR)}/<section>/")
+    if not allow_empty:
+        lines.append("pass --allow-empty to accept empty splits (exit status 0)")
+    return "\n".join(lines)
 
 
 def _cli_parser() -> argparse.ArgumentParser:
@@ -396,17 +537,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING)
     try:
-        config_from_options(pipeline_options(argv))
+        options = pipeline_options(argv)
+        config = config_from_options(options)
     except ValueError as error:
         parser.error(str(error))
+    allow_empty = options.view_as(BuildDatasetOptions).allow_empty
     try:
         metadata = run(argv)
     except (FileNotFoundError, FileExistsError) as error:  # inputs / output, before running
         parser.error(str(error))
+    except beam_io.ParquetReadError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
     summary = {split: {k: v for k, v in entry.items() if k not in ("files", "rejected_files")}
                for split, entry in metadata["splits"].items()}
     print(json.dumps({"splits": summary, "totals": metadata["totals"]}, indent=2))
-    return 0
+    report = empty_split_report(metadata, config.output_dir, allow_empty)
+    if report:
+        print(report, file=sys.stderr)
+    return 1 if empty_splits(metadata) and not allow_empty else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@
   TensorFlow's C++ record writer (framing, CRC32C and zlib in native code), through Beam's
   file-sink machinery (temporary files, then an atomic rename on finalisation).
 * :func:`write_file` writes a small single file (vocabularies, ``metadata.json``).
+* :func:`find_sink_temp_dirs` / :func:`remove_sink_temp_dirs` find and remove the
+  ``beam-temp-*`` directories a failed or killed run leaves in a sink's directory.
+
+A file that cannot be read (0 bytes, truncated, not parquet, gone or unreadable) raises
+:class:`ParquetReadError`, naming the table and the file.
 
 All paths go through Beam's ``FileSystems`` (local or ``gs://``).
 """
@@ -15,6 +20,7 @@ All paths go through Beam's ``FileSystems`` (local or ``gs://``).
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,6 +31,7 @@ from apache_beam import coders
 from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
 
 from muse_tf.data import layout
 
@@ -57,11 +64,37 @@ def match_files(patterns: Sequence[str]) -> list[str]:
     return sorted(files)
 
 
-def _open_parquet(path: str):
+class ParquetReadError(OSError):
+    """A parquet file of a table cannot be read; the message names the table and the file."""
+
+
+def _file_size(path: str) -> str:
+    """``"N bytes"`` of ``path``, or why its size is unknown (for error messages)."""
+    try:
+        return f"{FileSystems.match([path])[0].metadata_list[0].size_in_bytes} bytes"
+    except Exception as error:  # the file may be gone: say so, keep the original error
+        return f"size unknown: {type(error).__name__}: {error}"
+
+
+def _read_error(table: str, path: str, doing: str, error: BaseException) -> ParquetReadError:
+    return ParquetReadError(
+        f"table {table!r}: cannot read parquet file {path} ({_file_size(path)}) while "
+        f"{doing}: {type(error).__name__}: {error}")
+
+
+def _open_parquet(table: str, path: str):
+    """``(handle, pyarrow.parquet.ParquetFile)``; raises :class:`ParquetReadError`."""
     import pyarrow.parquet as pq
 
-    handle = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
-    return handle, pq.ParquetFile(handle)
+    try:
+        handle = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    except Exception as error:
+        raise _read_error(table, path, "opening it", error) from error
+    try:
+        return handle, pq.ParquetFile(handle)
+    except Exception as error:  # 0 bytes, truncated, not parquet: pyarrow's many types
+        handle.close()
+        raise _read_error(table, path, "reading its footer", error) from error
 
 
 class _ListRowGroups(beam.DoFn):
@@ -72,19 +105,23 @@ class _ListRowGroups(beam.DoFn):
         self._columns = list(columns)
 
     def process(self, path: str) -> Iterator[tuple[str, int, int]]:
-        handle, parquet = _open_parquet(path)
+        handle, parquet = _open_parquet(self._table, path)
         try:
-            names = set(parquet.schema_arrow.names)
+            try:
+                names = set(parquet.schema_arrow.names)
+                metadata = parquet.metadata
+                sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+            except Exception as error:
+                raise _read_error(self._table, path, "reading its metadata", error) from error
             missing = [c for c in self._columns if c not in names]
             if missing:
                 raise ValueError(
                     f"table {self._table!r}: file {path} lacks columns {missing}; "
                     f"it has {sorted(names)}")
-            metadata = parquet.metadata
             first_row = 0
-            for index in range(metadata.num_row_groups):
+            for index, num_rows in enumerate(sizes):
                 yield path, index, first_row
-                first_row += metadata.row_group(index).num_rows
+                first_row += num_rows
         finally:
             handle.close()
 
@@ -92,7 +129,8 @@ class _ListRowGroups(beam.DoFn):
 class _ReadRowGroup(beam.DoFn):
     """``(file, row_group, first_row)`` -> ``(file, first_row, table)`` batches."""
 
-    def __init__(self, columns: Sequence[str], batch_rows: int):
+    def __init__(self, table: str, columns: Sequence[str], batch_rows: int):
+        self._table = table
         self._columns = list(columns)
         self._batch_rows = batch_rows
 
@@ -100,11 +138,19 @@ class _ReadRowGroup(beam.DoFn):
         import pyarrow as pa
 
         path, index, first_row = element
-        handle, parquet = _open_parquet(path)
+        handle, parquet = _open_parquet(self._table, path)
         try:
             # Streamed in batches: a row group of long histories can be far larger than one.
-            for batch in parquet.iter_batches(batch_size=self._batch_rows, row_groups=[index],
-                                              columns=self._columns, use_threads=False):
+            batches = parquet.iter_batches(batch_size=self._batch_rows, row_groups=[index],
+                                           columns=self._columns, use_threads=False)
+            while True:
+                try:
+                    batch = next(batches, None)
+                except Exception as error:  # a truncated or corrupt page
+                    raise _read_error(self._table, path, f"reading row group {index} (rows "
+                                      f"from {first_row})", error) from error
+                if batch is None:
+                    return
                 yield path, first_row, pa.Table.from_batches([batch])
                 first_row += batch.num_rows
         finally:
@@ -113,6 +159,10 @@ class _ReadRowGroup(beam.DoFn):
 
 class ReadParquetTable(beam.PTransform):
     """Reads ``columns`` of a parquet table as ``(file, first_row, pyarrow.Table)`` batches.
+
+    A file that cannot be read raises :class:`ParquetReadError` naming ``table`` and the
+    file (Beam adds the stage: ``ListRowGroups`` for a file that does not open,
+    ``ReadRowGroups`` for a corrupt row group).
 
     Args:
       table: the table's name, used in error messages.
@@ -136,7 +186,8 @@ class ReadParquetTable(beam.PTransform):
                 | "ListFiles" >> beam.Create(self._files)
                 | "ListRowGroups" >> beam.ParDo(_ListRowGroups(self._table, self._columns))
                 | "SpreadRowGroups" >> beam.Reshuffle()
-                | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self._columns, self._batch_rows)))
+                | "ReadRowGroups" >> beam.ParDo(
+                    _ReadRowGroup(self._table, self._columns, self._batch_rows)))
 
 
 class _BackgroundRecordWriter:
@@ -279,3 +330,59 @@ def write_file(path: str, lines: Iterable[str]) -> None:
             handle.write(("\n".join(chunk) + "\n").encode("utf-8"))
     finally:
         handle.close()
+
+
+#: Name prefix of the directory a Beam file sink keeps its shards in until it finalises
+#: (``DIR/beam-temp-<prefix>-<uuid>/`` for a sink writing ``DIR/<prefix>-*``).
+SINK_TEMP_PREFIX = "beam-temp-"
+
+
+def _is_local(path: str) -> bool:
+    return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
+
+
+def _temp_dir_files(directory: str) -> dict[str, list[str]]:
+    """Temp dir -> its files, for filesystems whose directories exist only through files."""
+    out: dict[str, list[str]] = {}
+    base = directory.rstrip("/") + "/"
+    for path in match_files([FileSystems.join(directory, SINK_TEMP_PREFIX + "*", "**")]):
+        name = path[len(base):].split("/", 1)[0]
+        out.setdefault(FileSystems.join(directory, name), []).append(path)
+    return out
+
+
+def find_sink_temp_dirs(directories: Sequence[str]) -> list[str]:
+    """The ``beam-temp-*`` directories directly inside ``directories`` (sorted).
+
+    A sink removes its temp directory when it finalises; a run that fails or is killed
+    before leaves it behind. Local directories are listed, so empty temp directories count
+    too; on object stores (``gs://``) they are found through the files in them.
+    """
+    found: set[str] = set()
+    for directory in directories:
+        if _is_local(directory):
+            if os.path.isdir(directory):
+                with os.scandir(directory) as entries:
+                    found.update(e.path for e in entries
+                                 if e.name.startswith(SINK_TEMP_PREFIX) and e.is_dir())
+        else:
+            found.update(_temp_dir_files(directory))
+    return sorted(found)
+
+
+def remove_sink_temp_dirs(directories: Sequence[str]) -> list[str]:
+    """Deletes the ``beam-temp-*`` directories inside ``directories``; returns them."""
+    removed = []
+    for directory in directories:
+        if _is_local(directory):
+            temp_dirs = find_sink_temp_dirs([directory])
+            if temp_dirs:
+                FileSystems.delete(temp_dirs)  # recursive on local directories
+            removed += temp_dirs
+        else:
+            by_dir = _temp_dir_files(directory)
+            files = [f for paths in by_dir.values() for f in paths]
+            if files:
+                FileSystems.delete(files)
+            removed += sorted(by_dir)
+    return removed

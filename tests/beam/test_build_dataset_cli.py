@@ -5,11 +5,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 import tensorflow as tf
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
 from beam import build_dataset, transforms
 from beam import io as beam_io
@@ -70,6 +72,10 @@ def test_bad_flags_are_named(flags, message):
         build_dataset.config_from_options(build_dataset.pipeline_options(flags))
 
 
+def _temp_dirs(output: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(output, "**", "beam-temp-*"), recursive=True))
+
+
 def _count_records(pattern: str) -> int:
     files = sorted(glob.glob(pattern))
     assert files, f"no files match {pattern}"
@@ -78,10 +84,21 @@ def _count_records(pattern: str) -> int:
 
 @pytest.mark.skipif(not DEMO_DIR.is_dir(), reason=f"demo files not found at {DEMO_DIR}")
 def test_demo_files_reject_every_sample_for_missing_user_features(tmp_path, capsys):
+    # The ten-row demo tables do not join: the build writes metadata and rejects, then
+    # says so on stderr and exits non-zero (issue 11).
     output = str(tmp_path / "demo")
-    assert build_dataset.main(["--input", str(DEMO_DIR), "--output", output]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    assert build_dataset.main(["--input", str(DEMO_DIR), "--output", output]) == 1
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
     assert summary["totals"]["rows_read"] == 20
+    err = captured.err
+    assert "0 examples" in err and "--allow-empty" in err, err
+    for split in layout.SPLITS:
+        assert re.search(rf"{split}: rows read 10, examples written 0, rejected 10 "
+                         rf"\({transforms.NO_USER_FEATURES} 10\)", err), err
+    for name in ("train_user_features", "test_user_features", "item_features"):
+        assert f"{name}: rows read 10" in err, err
+    assert _temp_dirs(output) == []
     with open(layout.metadata_path(output)) as f:
         metadata = json.load(f)
     assert metadata["options"]["runner"] == "FnApiRunner"
@@ -126,6 +143,7 @@ def test_overwrite_replaces_a_previous_build(tmp_path):
     # The three old shards are gone: only the new build's files are left.
     assert sorted(glob.glob(layout.split_pattern(output, "train"))) == [
         os.path.join(output, f) for f in again["splits"]["train"]["files"]]
+    assert _temp_dirs(output) == []
 
 
 @pytest.mark.slow
@@ -169,3 +187,103 @@ def test_cli_help_and_usage_errors(capsys, tmp_path):
     with pytest.raises(SystemExit):
         build_dataset.main(["--input", str(tmp_path / "none"), "--output", str(tmp_path)])
     assert "no parquet files for table 'train_samples'" in capsys.readouterr().err
+
+
+def _metadata(counts: dict[tuple[str, str], int]) -> dict:
+    """metadata.json content from per-section counts, as the pipeline would write it."""
+    return transforms.build_metadata("/out", build_dataset._sections(), {"max_seq_len": 4},
+                                     counts, {}, [])
+
+
+def _fake_build(monkeypatch, counts: dict[tuple[str, str], int]) -> None:
+    monkeypatch.setattr(build_dataset, "run", lambda argv: _metadata(counts))
+
+
+JOINED = {("test", "rows_read"): 3, ("test", "examples_written"): 3}
+NOTHING_JOINED_IN_TRAIN = {
+    ("train", "rows_read"): 5, ("train", "rejected.no_user_features"): 4,
+    ("train", "rejected.bad_label"): 1,
+    ("train_user_features", "rows_read"): 7, ("train_user_features", "rows_kept"): 7,
+    ("item_features", "rows_read"): 2, ("item_features", "rows_kept"): 2, **JOINED}
+
+
+def test_a_split_with_rows_but_no_examples_fails_the_cli(monkeypatch, capsys):
+    _fake_build(monkeypatch, NOTHING_JOINED_IN_TRAIN)
+    assert build_dataset.main(["--input", "/in", "--output", "/out"]) == 1
+    err = capsys.readouterr().err
+    assert "split 'train' read 5 sample rows but wrote 0 examples" in err, err
+    assert "train: rows read 5, examples written 0, rejected 5 (no_user_features 4, " \
+           "bad_label 1)" in err, err
+    assert "train_user_features: rows read 7, rows kept 7" in err, err
+    assert "item_features: rows read 2, rows kept 2" in err, err
+    assert "split 'test'" not in err  # the test split joined
+    assert "/out/metadata.json" in err and "/out/rejected" in err, err
+
+
+def test_allow_empty_keeps_exit_zero_but_still_warns(monkeypatch, capsys):
+    _fake_build(monkeypatch, NOTHING_JOINED_IN_TRAIN)
+    assert build_dataset.main(["--input", "/in", "--output", "/out", "--allow-empty"]) == 0
+    assert "split 'train' read 5 sample rows but wrote 0 examples" in capsys.readouterr().err
+
+
+def test_a_split_without_input_rows_does_not_fail(monkeypatch, capsys):
+    _fake_build(monkeypatch, JOINED)  # train read no rows: nothing was lost
+    assert build_dataset.main(["--input", "/in", "--output", "/out"]) == 0
+    assert "wrote 0 examples" not in capsys.readouterr().err
+
+
+def _tiny_tables(writer) -> None:
+    users = [{"id": u, "attrs": [u] * 5, "items": [1, 2], "cats": [3, 4]} for u in (1, 2)]
+    for split in layout.SPLITS:
+        writer.samples(f"{split}_samples.parquet", [([0, 1], 1, 100), ([1, 0], 2, 101)])
+        writer.users(f"{split}_user_features.parquet", users)
+    writer.items("item_features.parquet", [(100, 1, 1, 1), (101, 2, 2, 2)])
+    writer.embeddings("scl_embedding_int8_p90.parquet", [(100, [1] * schema.MM_EMBEDDING_DIM)])
+
+
+def _plant_temp_dirs(output: str) -> list[str]:
+    """Leftovers of a killed build: Beam sink temp dirs, with and without files."""
+    dirs = [os.path.join(output, "train", "beam-temp-part-0123456789abcdef"),
+            os.path.join(output, layout.EMBEDDINGS_DIR, "beam-temp-part-fedcba9876543210"),
+            os.path.join(output, layout.REJECTED_DIR, "test", "beam-temp-part-00ff00ff")]
+    for k, path in enumerate(dirs):
+        os.makedirs(path)
+        if k != 1:  # the embedding one stays empty (opened, no writer yet)
+            with open(os.path.join(path, "a1b2.part"), "wb") as f:
+                f.write(b"partial shard")
+    return dirs
+
+
+def test_leftover_temp_dirs_need_overwrite(tmp_path, table_writer):
+    _tiny_tables(table_writer)
+    output = str(tmp_path / "out")
+    _plant_temp_dirs(output)
+    config = build_dataset.BuildConfig(input_dir=table_writer.root, output_dir=output)
+    with pytest.raises(FileExistsError, match=r"beam-temp-.*--overwrite"):
+        build_dataset.build_pipeline(BeamTestPipeline(runner="FnApiRunner"), config)
+
+
+def test_overwrite_removes_leftover_temp_dirs(tmp_path, table_writer):
+    _tiny_tables(table_writer)
+    output = str(tmp_path / "out")
+    _plant_temp_dirs(output)
+    metadata = build_dataset.run(["--input", table_writer.root, "--output", output,
+                                  "--overwrite"])
+    assert metadata["totals"]["examples_written"] == 4
+    assert _temp_dirs(output) == []
+    # Only the new build's shards are left in each record directory.
+    for split in layout.SPLITS:
+        listed = sorted(f"{split}/{name}" for name in os.listdir(os.path.join(output, split)))
+        assert listed == metadata["splits"][split]["files"]
+
+
+def test_temp_dirs_on_object_stores_are_found_through_their_files(tmp_path, monkeypatch):
+    # gs:// has no directories: the object-store branch must find temp dirs by their files.
+    output = str(tmp_path / "out")
+    planted = _plant_temp_dirs(output)
+    monkeypatch.setattr(beam_io, "_is_local", lambda path: False)
+    dirs = build_dataset._sink_dirs(output)
+    with_files = sorted(planted[k] for k in (0, 2))  # the empty one has no objects
+    assert beam_io.find_sink_temp_dirs(dirs) == with_files
+    assert sorted(beam_io.remove_sink_temp_dirs(dirs)) == with_files
+    assert [os.listdir(d) for d in planted] == [[], [], []]
