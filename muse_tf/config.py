@@ -130,6 +130,9 @@ class TrainConfig:
     max_eval_steps: int = 0      # batches of the test (and validation) split; 0 = all
     strategy: str = "default"    # default | mirrored | multi_worker
     export: bool = True
+    # Most users one request to an export may hold (its signature rejects more); keep it at
+    # least TF Serving batching's max_batch_size (serving/batching_parameters.txt: 128).
+    export_max_batch_size: int = 128
     verbose: int = 1
 
 
@@ -191,6 +194,9 @@ class ExperimentConfig:
         if self.train.validation_split not in ("impression", "user"):
             raise ValueError(f"train.validation_split={self.train.validation_split!r} is not "
                              "one of impression, user")
+        if self.train.export_max_batch_size < 1:
+            raise ValueError(f"train.export_max_batch_size={self.train.export_max_batch_size} "
+                             "must be >= 1 (users per request to an export)")
         if not 0.0 <= self.train.validation_share < 1.0:
             raise ValueError(f"train.validation_share={self.train.validation_share!r} must be "
                              "in [0, 1) (0 = no validation split, fixed epochs)")

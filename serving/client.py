@@ -6,7 +6,10 @@ cached), each input is cast to the declared dtype (range-checked, never wrapped)
 leading size-1 axes up to the declared rank (one example -> a batch of one) and zero-padded
 at the end of every non-batch dimension whose declared size is static and larger, so the
 request works against stock TF Serving, which does not pad. An input larger than a static
-dimension is refused before sending, with a message naming it::
+dimension is refused before sending, with a message naming it, and so is a request to a
+muse_tf signature that the signature's own checks would reject
+(:func:`muse_tf.export.requests.check_inputs`: one batch size, at most ``max_batch_size``
+users, ``0 <= hist_len <= L``, ``0 <= num_candidates <= C``)::
 
     with PredictionClient("localhost:8500") as client:
         scores = client.predict("muse_ranking", {"hist_item_id": [[5, 9, 2]], ...})["scores"]
@@ -98,6 +101,7 @@ def build_predict_request(
     signature_def: meta_graph_pb2.SignatureDef | None = None,
     pad: bool = True,
     output_filter: Iterable[str] = (),
+    max_batch_size: int | None = requests.DEFAULT_MAX_BATCH_SIZE,
 ) -> predict_pb2.PredictRequest:
     """A ``PredictRequest`` from raw inputs.
 
@@ -111,10 +115,13 @@ def build_predict_request(
         them.
       pad: zero-pad smaller inputs up to static dimensions (needs ``signature_def``).
       output_filter: output aliases to return (default: all).
+      max_batch_size: for a muse_tf signature, the most users the request may hold (the
+        export's ``max_batch_size``, 128 unless it was exported with another; None: no
+        limit here, the server's still applies).
 
     Raises:
       ValueError (:class:`serving.signatures.InputError`): an input that does not fit the
-        signature, named.
+        signature, named; for a muse_tf signature, inputs its checks would reject.
     """
     if version is not None and version_label:
         raise ValueError("give a version or a version_label, not both")
@@ -145,6 +152,13 @@ def build_predict_request(
             spec = specs[alias]
             arrays[alias] = signatures.conform(alias, signatures.coerce(alias, value, spec),
                                                spec, pad=pad)
+        layout = signatures.request_layout(signature_def)
+        if layout is not None:
+            try:
+                layout.check(arrays, max_batch_size=max_batch_size)
+            except ValueError as error:
+                raise signatures.InputError(f"{error} (signature {signature_name!r})"
+                                            ) from error
     for alias, proto in signatures.as_tensor_protos(arrays).items():
         request.inputs[alias].CopyFrom(proto)
     return request
@@ -168,13 +182,17 @@ class PredictionClient:
       timeout: seconds per call.
       max_message_bytes: send/receive limit of the channel.
       pad: pad inputs up to static dimensions (when the signature is known).
+      max_batch_size: the most users a request to a muse_tf signature may hold (see
+        :func:`build_predict_request`).
     """
 
     def __init__(self, server: str, *, timeout: float = DEFAULT_TIMEOUT_SECONDS,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, pad: bool = True) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, pad: bool = True,
+                 max_batch_size: int | None = requests.DEFAULT_MAX_BATCH_SIZE) -> None:
         self.server = server
         self.timeout = timeout
         self.pad = pad
+        self.max_batch_size = max_batch_size
         self._channel = grpc.insecure_channel(server, options=channel_options(max_message_bytes))
         self._prediction = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
@@ -274,7 +292,8 @@ class PredictionClient:
         return build_predict_request(model, inputs, signature_name=signature_name,
                                      version=version, version_label=version_label,
                                      signature_def=signature_def, pad=self.pad,
-                                     output_filter=output_filter)
+                                     output_filter=output_filter,
+                                     max_batch_size=self.max_batch_size)
 
     def predict_response(self, request: predict_pb2.PredictRequest
                          ) -> predict_pb2.PredictResponse:

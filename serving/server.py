@@ -19,7 +19,8 @@ Model layout (as TF Serving): ``BASE/<integer version>/saved_model.pb`` plus ``v
   session until the requests running on it finish. A version that fails to load is reported
   by ``GetModelStatus`` (state ``END`` with the error) and retried on later polls (at most
   :data:`MAX_LOAD_ATTEMPTS` times, :data:`LOAD_RETRY_SECONDS` apart), while the previous
-  version keeps serving.
+  version keeps serving. When no version is served at all (at startup) and the newest fails,
+  the ``latest`` policy falls back to the newest older version that loads.
 * **Warm-up**: ``assets.extra/tf_serving_warmup_requests`` (TFRecord of ``PredictionLog``)
   is replayed before a version becomes available; a failing record fails the load.
 * **ScaNN**: a SavedModel whose graph uses ops not registered in this process and named
@@ -29,7 +30,9 @@ Model layout (as TF Serving): ``BASE/<integer version>/saved_model.pb`` plus ``v
   non-batch dimension declared with a static size are zero-padded up to it (a convenience
   that stock TF Serving does not offer; ``--no_pad_inputs`` turns it off). Status codes follow
   TF Serving: unknown model or version ``NOT_FOUND``, unknown signature
-  ``FAILED_PRECONDITION``.
+  ``FAILED_PRECONDITION``. A batch (dimension 0) above ``max_batch_size`` (default 128) is
+  ``INVALID_ARGUMENT`` before the tensors are decoded; the muse_tf signatures check their
+  lengths and batch sizes themselves (:func:`muse_tf.export.signatures.checked_inputs`).
 * Binds 127.0.0.1 unless told otherwise; 512 MiB gRPC messages
   (:data:`serving.grpc_options.MAX_MESSAGE_BYTES`, the client's too); a thread pool for concurrent
   requests; SIGTERM / SIGINT stop accepting, let running requests finish, exit 0.
@@ -68,8 +71,15 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.config import model_server_config_pb2
 # isort: on
 
+from muse_tf.export.signatures import DEFAULT_MAX_BATCH_SIZE
 from serving import signatures
-from serving.grpc_options import MAX_MESSAGE_BYTES, channel_options
+from serving.grpc_options import (
+    MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_MB_LIMIT,
+    MIN_MESSAGE_MB_LIMIT,
+    channel_options,
+    check_message_bytes,
+)
 
 logger = logging.getLogger("serving.server")
 
@@ -107,7 +117,9 @@ class ServerOptions:
       max_workers: threads answering requests concurrently.
       poll_seconds: period of the scan for new / removed version directories.
       pad_inputs: zero-pad inputs smaller than a static non-batch dimension (see module doc).
-      max_message_bytes: gRPC send and receive limit.
+      max_message_bytes: gRPC send and receive limit (1 MiB .. 2047 MiB).
+      max_batch_size: the largest dimension-0 size (batch) a request's input may have;
+        larger requests are ``INVALID_ARGUMENT`` before the model runs.
       enable_warmup: replay ``assets.extra/tf_serving_warmup_requests`` on load.
       session_parallelism: intra/inter-op threads per session (0: TensorFlow's choice).
       grace_seconds: how long :meth:`ServerHandle.stop` waits for running requests.
@@ -119,6 +131,7 @@ class ServerOptions:
     poll_seconds: float = 1.0
     pad_inputs: bool = True
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     enable_warmup: bool = True
     session_parallelism: int = 0
     grace_seconds: float = 30.0
@@ -126,6 +139,9 @@ class ServerOptions:
     def __post_init__(self) -> None:
         if self.max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {self.max_workers}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        check_message_bytes(self.max_message_bytes)
         if self.poll_seconds <= 0:
             raise ValueError(f"poll_seconds must be > 0, got {self.poll_seconds}")
         if not 0 <= self.port < 65536:
@@ -157,6 +173,7 @@ class LoadedVersion:
         self.version = version
         self.path = path
         self._pad_inputs = options.pad_inputs
+        self._max_batch_size = options.max_batch_size
         self._lock = threading.Lock()
         self._in_flight = 0
         self._retired = False
@@ -302,10 +319,17 @@ class LoadedVersion:
                 raise _invalid(
                     f"input {alias!r} has dtype {signatures.dtype_name(proto.dtype)} but "
                     f"signature {name!r} expects {spec.describe()}")
+            shape = signatures.tensor_shape_of(proto)
+            # Shapes first: rejects an oversized input before decoding it.
+            if (spec.shape and spec.shape[0] < 0 and shape
+                    and shape[0] > self._max_batch_size):
+                raise _invalid(
+                    f"input {alias!r} has batch size {shape[0]} (dimension 0 of shape "
+                    f"[{', '.join(map(str, shape))}]), more than the maximum "
+                    f"{self._max_batch_size} this server takes (--max_batch_size); split the "
+                    f"request (signature {name!r})")
             try:
-                # Shape first: rejects an oversized input before decoding it.
-                signatures.check_shape(alias, signatures.tensor_shape_of(proto), spec,
-                                       pad=self._pad_inputs)
+                signatures.check_shape(alias, shape, spec, pad=self._pad_inputs)
                 array = signatures.parse_tensor(alias, proto)
                 feeds[alias] = signatures.conform(alias, array, spec, pad=self._pad_inputs)
             except signatures.InputError as error:
@@ -439,6 +463,8 @@ class ServedModel:
                 return
             for version in sorted(set(aspired) - set(self._available), reverse=True):
                 self._load(version)
+            if not self._available:
+                self._fall_back(on_disk, aspired)
             retire = [v for v in self._available if v not in aspired]
             if retire and any(v in self._available for v in aspired):
                 with self._lock:
@@ -450,11 +476,35 @@ class ServedModel:
                     loaded.retire()
                     self._status[loaded.version] = _VersionStatus(State.END)
 
-    def _load(self, version: int) -> None:
+    def _fall_back(self, on_disk: Sequence[int], aspired: Sequence[int]) -> None:
+        """Nothing is served and the aspired versions failed to load: with the ``latest``
+        policy, load the newest older version that loads (a corrupt newest version must
+        not leave a server that starts with nothing to serve). It serves until an aspired
+        version loads, then the usual swap retires it. ``all`` has no older versions and
+        ``specific`` names its versions, so neither falls back."""
+        if self.policy.WhichOneof("policy_choice") not in (None, "latest"):
+            return
+        failed = {v: self._status[v].error_message for v in aspired if v in self._status}
+        tried = False
+        for version in sorted((v for v in on_disk if v < min(aspired)), reverse=True):
+            tried = self._load(version) or tried
+            if version in self._available:
+                logger.warning("%s: version(s) %s failed to load (%s); falling back to version "
+                               "%d until a newer version loads", self.name, sorted(failed),
+                               "; ".join(f"version {v}: {m}" for v, m in sorted(failed.items())),
+                               version)
+                return
+        if tried:
+            logger.error("%s: no version under %s loads (newest: %s)", self.name,
+                         self.base_path, failed)
+
+    def _load(self, version: int) -> bool:
+        """Try to load ``version`` unless its attempts are used up or the last one is too
+        recent; True when it tried (the result is in the status)."""
         attempts, last = self._attempts.get(version, (0, 0.0))
         if attempts >= MAX_LOAD_ATTEMPTS or (
                 attempts and time.monotonic() - last < LOAD_RETRY_SECONDS):
-            return
+            return False
         self._attempts[version] = (attempts + 1, time.monotonic())
         path = os.path.join(self.base_path, str(version))
         self._status[version] = _VersionStatus(State.LOADING)
@@ -467,13 +517,14 @@ class ServedModel:
                                                    f"{type(error).__name__}: {error}")
             logger.error("loading %s version %d from %s failed (attempt %d of %d): %s",
                          self.name, version, path, attempts + 1, MAX_LOAD_ATTEMPTS, error)
-            return
+            return True
         with self._lock:  # the swap: new requests see the new version from here on
             self._available = {**self._available, version: loaded}
         self._status[version] = _VersionStatus(State.AVAILABLE)
         self._attempts.pop(version, None)  # a rollback to it later may load it again
         logger.info("loaded %s version %d from %s in %.2f s", self.name, version, path,
                     time.monotonic() - start)
+        return True
 
     # -- requests --------------------------------------------------------------------------
 
@@ -798,6 +849,25 @@ def serve(model_config: model_server_config_pb2.ModelServerConfig | str | None =
     return handle
 
 
+def _bounded_int(low: int, high: int | None = None, unit: str = "") -> Callable[[str], int]:
+    """An argparse ``type``: an int in ``[low, high]`` (no upper bound when None); anything
+    else is a one-line usage error naming the value and the range."""
+    allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer (must be "
+                                             f"{allowed}{unit})") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range (must be {allowed}{unit})")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in some messages
+    return parse
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line of ``python -m serving.server`` (flags as ``tensorflow_model_server``'s)."""
     parser = argparse.ArgumentParser(
@@ -814,7 +884,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="gRPC port (0: pick a free one)")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="interface to bind (0.0.0.0 exposes the server to the network)")
-    parser.add_argument("--max_workers", type=int, default=ServerOptions.max_workers)
+    parser.add_argument("--max_workers", type=_bounded_int(1),
+                        default=ServerOptions.max_workers,
+                        help="requests answered concurrently (>= 1)")
+    parser.add_argument("--max_batch_size", type=_bounded_int(1),
+                        default=ServerOptions.max_batch_size,
+                        help="largest dimension-0 size (users) of a request's inputs; larger "
+                             "requests are INVALID_ARGUMENT before the model runs (>= 1)")
     parser.add_argument("--poll_seconds", type=float, default=ServerOptions.poll_seconds,
                         help="period of the scan for new version directories")
     parser.add_argument("--no_pad_inputs", action="store_true",
@@ -822,8 +898,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "behaviour) instead of zero-padding them")
     parser.add_argument("--no_warmup", action="store_true",
                         help="do not replay assets.extra/tf_serving_warmup_requests")
-    parser.add_argument("--max_message_mb", type=int,
-                        default=MAX_MESSAGE_BYTES // (1024 * 1024))
+    parser.add_argument("--max_message_mb",
+                        type=_bounded_int(MIN_MESSAGE_MB_LIMIT, MAX_MESSAGE_MB_LIMIT, " MiB"),
+                        default=MAX_MESSAGE_BYTES // (1024 * 1024),
+                        help="gRPC send/receive limit in MiB (1 .. 2047)")
     parser.add_argument("--session_parallelism", type=int, default=0)
     parser.add_argument("--grace_seconds", type=float, default=ServerOptions.grace_seconds,
                         help="how long shutdown waits for running requests")
@@ -841,8 +919,8 @@ def serve_from_args(args: argparse.Namespace) -> ServerHandle:
         host=args.host, port=args.port, max_workers=args.max_workers,
         poll_seconds=args.poll_seconds, pad_inputs=not args.no_pad_inputs,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
-        enable_warmup=not args.no_warmup, session_parallelism=args.session_parallelism,
-        grace_seconds=args.grace_seconds)
+        max_batch_size=args.max_batch_size, enable_warmup=not args.no_warmup,
+        session_parallelism=args.session_parallelism, grace_seconds=args.grace_seconds)
     return serve(args.model_config_file, model_name=args.model_name,
                  model_base_path=args.model_base_path, options=options)
 

@@ -11,7 +11,11 @@ writes ``DIR/export/ranker/<version>/`` with:
   int32 ``[B]``; output ``scores`` float32 ``[B, C]`` — the click probability of each
   candidate, 0 for padded candidate slots. No ragged tensors; the static maximums are the
   declared dimensions of the signature and are repeated in
-  ``assets.extra/muse_tf_signature.json``;
+  ``assets.extra/muse_tf_signature.json``. The signature checks its inputs before scoring
+  (:func:`~muse_tf.export.signatures.checked_inputs`, stock ``Assert`` ops, so TF Serving
+  answers ``INVALID_ARGUMENT`` too): one batch size ``B`` across the inputs,
+  ``B <= max_batch_size`` (``train.export_max_batch_size``, default 128),
+  ``0 <= hist_len <= L`` and ``0 <= num_candidates <= C``;
 * the vocabulary files as SavedModel assets (raw id -> row lookups are in the graph);
 * ``assets.extra/tf_serving_warmup_requests``: representative ``PredictionLog`` records that
   TF Serving replays when it loads the model, built by :mod:`muse_tf.export.requests` from
@@ -34,7 +38,7 @@ from muse_tf import config as config_lib
 from muse_tf import schema
 from muse_tf.data import reader
 from muse_tf.data.data_dir import DataDir
-from muse_tf.export import names, requests
+from muse_tf.export import names, requests, signatures
 from muse_tf.export.publish import (
     SIGNATURE_NAME,
     describe,
@@ -42,7 +46,7 @@ from muse_tf.export.publish import (
     spec_info,
     version_dirs,
 )
-from muse_tf.export.signatures import SCORES, ranking_input_signature
+from muse_tf.export.signatures import SCORES, checked_inputs, ranking_input_signature
 from muse_tf.export.warmup import WARMUP_FILE, write_warmup
 from muse_tf.models.factory import build_ranking_model
 from muse_tf.training import runs
@@ -64,15 +68,20 @@ __all__ = ["DEFAULT_MAX_CANDIDATES", "EXPORT_SUBDIR", "SCORES", "SERVED_MODEL_NA
 class RankingServingModule(tf.Module):
     """Holds the trained model and its serving function (stock ops only)."""
 
-    def __init__(self, model: tf.keras.Model, max_seq_len: int, max_candidates: int) -> None:
+    def __init__(self, model: tf.keras.Model, max_seq_len: int, max_candidates: int,
+                 max_batch_size: int = signatures.DEFAULT_MAX_BATCH_SIZE) -> None:
         super().__init__(name="ranking_serving")
         self.model = model
         self.max_seq_len = max_seq_len
         self.max_candidates = max_candidates
         specs = ranking_input_signature(max_seq_len, max_candidates)
+        self.max_batch_size = signatures.check_max_batch_size(max_batch_size)
         self.serve = tf.function(self._serve, input_signature=[specs])
 
     def _serve(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        inputs = checked_inputs(inputs, max_seq_len=self.max_seq_len,
+                                max_candidates=self.max_candidates,
+                                max_batch_size=self.max_batch_size)
         user = {name: inputs[name] for name in schema.QUERY_FEATURES}
         candidates = {f.name: inputs[f.name] for f in schema.ITEM_SIDE_FEATURES}
         scores = self.model.score_candidates(user, candidates, training=False)
@@ -87,17 +96,23 @@ def export_ranking_model(model: tf.keras.Model, config: config_lib.ExperimentCon
                          max_candidates: int = DEFAULT_MAX_CANDIDATES,
                          warmup_examples: dict[str, np.ndarray] | None = None,
                          num_warmup_requests: int = 8,
-                         data: DataDir | None = None) -> str:
+                         data: DataDir | None = None,
+                         max_batch_size: int | None = None) -> str:
     """Write ``model_dir/export/ranker/<version>/``; returns that directory.
 
     ``data`` (default: the config's data directory) gives the default ``max_seq_len`` and the
-    test examples the warm-up requests are built from.
+    test examples the warm-up requests are built from. ``max_batch_size`` (default: the
+    config's ``train.export_max_batch_size``) is the most users one request may hold; the
+    signature rejects larger requests.
     """
+    if max_batch_size is None:
+        max_batch_size = config.train.export_max_batch_size
+    signatures.check_max_batch_size(max_batch_size)
     tmp_dir, export_dir = version_dirs(names.ranking_base_path(model_dir), version)
     if not max_seq_len or warmup_examples is None:
         data = DataDir.open(data or config.data.data_dir)
         max_seq_len = max_seq_len or runs.max_seq_len_of(config, data)
-    module = RankingServingModule(model, max_seq_len, max_candidates)
+    module = RankingServingModule(model, max_seq_len, max_candidates, max_batch_size)
     tf.saved_model.save(module, tmp_dir, signatures={SIGNATURE_NAME: module.serve})
     if warmup_examples is None:
         warmup_examples = warmup_batch(data, max_seq_len)
@@ -108,7 +123,7 @@ def export_ranking_model(model: tf.keras.Model, config: config_lib.ExperimentCon
     specs = ranking_input_signature(max_seq_len, max_candidates)
     info = {"signature": SIGNATURE_NAME, "model_name": SERVED_MODEL_NAME,
             "max_seq_len": max_seq_len, "max_candidates": max_candidates,
-            "experiment": config.name, "inputs": spec_info(specs),
+            "max_batch_size": max_batch_size, "experiment": config.name, "inputs": spec_info(specs),
             "outputs": {SCORES: {"dtype": "float32", "shape": [None, max_candidates]}},
             "padding": "right-padded histories and candidates; scores of padded candidate "
                        "slots are 0"}

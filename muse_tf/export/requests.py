@@ -23,11 +23,17 @@ The rules are the reader's, so a served model sees what it was trained on:
   feature names the schema does not know are errors, and so is a candidate without
   ``item_id``.
 
+:func:`check_inputs` runs the signature's own checks
+(:func:`muse_tf.export.signatures.checked_inputs`) on NumPy inputs, so a client refuses what
+the server would: one batch size across the inputs, at most ``max_batch_size`` users,
+``0 <= hist_len <= L`` and ``0 <= num_candidates <= C``.
+
 Errors are ``ValueError``s naming the field.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Iterable, Mapping, Sequence
@@ -62,6 +68,11 @@ _ITEM_NAMES = tuple(f.name for f in schema.ITEM_SIDE_FEATURES)
 _HIST_ITEMS = schema.HISTORY_ITEM_ID.name
 _HIST_CATEGORIES = schema.HISTORY_CATEGORY.name
 _ITEM_ID = schema.ITEM_ID.name
+#: The most users per request an export takes unless told otherwise
+#: (:data:`muse_tf.export.signatures.DEFAULT_MAX_BATCH_SIZE`).
+DEFAULT_MAX_BATCH_SIZE = signatures.DEFAULT_MAX_BATCH_SIZE
+#: Rows of a bad length input an error lists.
+_SHOWN_ROWS = 10
 
 
 @functools.cache
@@ -111,6 +122,63 @@ def integer_array(name: str, values: Any, dtype: Any, *, label: str | None = Non
         bad = low if low < info.min else high
         raise ValueError(f"{label} holds {int(bad)}, outside the range of {dtype}")
     return array.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The signature's checks, before sending.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_inputs(inputs: Mapping[str, Any], *, max_seq_len: int,
+                 max_candidates: int | None = None,
+                 max_batch_size: int | None = DEFAULT_MAX_BATCH_SIZE) -> None:
+    """Raise ``ValueError`` for inputs of a muse_tf signature that its checks
+    (:func:`muse_tf.export.signatures.checked_inputs`) would reject.
+
+    Checks, in the signature's order: every input has the same batch size ``B``
+    (dimension 0), ``B <= max_batch_size`` (None: no limit), ``0 <= hist_len <= max_seq_len``
+    and, when ``max_candidates`` is given and ``num_candidates`` is there,
+    ``0 <= num_candidates <= max_candidates``. Messages name the input, the values and the
+    limit.
+    """
+    _check_size("max_seq_len", max_seq_len)
+    if max_candidates is not None:
+        _check_size("max_candidates", max_candidates)
+    if max_batch_size is not None:
+        _check_size("max_batch_size", max_batch_size)
+    arrays = {name: np.asarray(value) for name, value in inputs.items()}
+    if not arrays:
+        return
+    for name, array in arrays.items():
+        if array.ndim == 0:
+            raise ValueError(f"input {name!r} is a scalar ({array.tolist()!r}); every input of "
+                             "a muse_tf signature has a batch dimension (one row per user)")
+    sizes = {name: int(array.shape[0]) for name, array in arrays.items()}
+    batch = collections.Counter(sizes.values()).most_common(1)[0][0]
+    odd = [name for name, size in sizes.items() if size != batch]
+    if odd:
+        usual = next(name for name, size in sizes.items() if size == batch)
+        raise ValueError(f"input {odd[0]!r} has batch size {sizes[odd[0]]} but {usual!r} has "
+                         f"{batch}: every input of a request holds the same users (batch "
+                         f"sizes {sizes})")
+    if max_batch_size is not None and batch > max_batch_size:
+        raise ValueError(f"input {next(iter(sizes))!r} has batch size {batch} (users in the "
+                         f"request), more than the maximum {max_batch_size} the export takes "
+                         "(max_batch_size); split the request")
+    for name, limit, limit_name in ((schema.HISTORY_LENGTH, max_seq_len, "max_seq_len"),
+                                    (schema.NUM_CANDIDATES, max_candidates, "max_candidates")):
+        if limit is None or name not in arrays:
+            continue
+        values = arrays[name]
+        if values.ndim != 1:
+            raise ValueError(f"input {name!r} must be 1-D [batch] (one count per user), got "
+                             f"shape {list(values.shape)}")
+        rows = np.flatnonzero((values < 0) | (values > limit))
+        if rows.size:
+            more = (f" ({rows.size} rows out of range: {rows[:_SHOWN_ROWS].tolist()})"
+                    if rows.size > 1 else "")
+            raise ValueError(f"input {name!r} must be in [0, {limit}] (0 <= {name} <= "
+                             f"{limit_name}); row {rows[0]} holds {values[rows[0]]}{more}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +520,12 @@ class RequestLayout:
     def from_raw(self, raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The inputs for a raw request object (:data:`RAW_REQUEST_KEYS`)."""
         return self.build(*raw_request_fields(raw))
+
+    def check(self, inputs: Mapping[str, Any],
+              max_batch_size: int | None = DEFAULT_MAX_BATCH_SIZE) -> None:
+        """:func:`check_inputs` with this signature's sizes."""
+        check_inputs(inputs, max_seq_len=self.max_seq_len, max_candidates=self.max_candidates,
+                     max_batch_size=max_batch_size)
 
 
 def raw_request_fields(raw: Any) -> tuple[Any, Any, Any, Any]:

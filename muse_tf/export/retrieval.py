@@ -11,7 +11,10 @@ writes ``<model dir>/export/<model name>/<version>/``, :mod:`muse_tf.export.name
              scores                                float32 [B, k]
 
 (raw ids, as in production logs; ``user_id`` is accepted so a client sends the same user
-block as to the ranking model, but no retrieval model reads it), warm-up requests (built by
+block as to the ranking model, but no retrieval model reads it). The signature checks its
+inputs before searching (:func:`~muse_tf.export.signatures.checked_inputs`, stock ``Assert``
+ops: ``INVALID_ARGUMENT`` in TF Serving too): one batch size ``B`` across the inputs,
+``B <= max_batch_size`` (default 128) and ``0 <= hist_len <= L``. Warm-up requests (built by
 :mod:`muse_tf.export.requests`) in ``assets.extra/tf_serving_warmup_requests`` and the
 signature described in
 ``assets.extra/muse_tf_signature.json`` (as the ranking export, :mod:`muse_tf.export.ranking`).
@@ -38,7 +41,14 @@ import tensorflow as tf
 from muse_tf import schema
 from muse_tf.export import names, requests
 from muse_tf.export.publish import SIGNATURE_NAME, publish_export, spec_info, version_dirs
-from muse_tf.export.signatures import ITEM_IDS, SCORES, retrieval_input_signature
+from muse_tf.export.signatures import (
+    DEFAULT_MAX_BATCH_SIZE,
+    ITEM_IDS,
+    SCORES,
+    check_max_batch_size,
+    checked_inputs,
+    retrieval_input_signature,
+)
 from muse_tf.export.warmup import write_warmup
 
 __all__ = [
@@ -66,17 +76,22 @@ example_request = requests.random_retrieval_query
 
 class RetrievalServingModule(tf.Module):
     """Wraps an index with ``index(features, k=k) -> (scores, ids)`` (a TFRS top-k layer or
-    :class:`~muse_tf.models.miss_retrieval.MissTreeIndex`) into the serving function."""
+    :class:`~muse_tf.models.miss_retrieval.MissTreeIndex`) into the serving function, which
+    checks its inputs first (at most ``max_batch_size`` users per request)."""
 
-    def __init__(self, index: Any, k: int, max_seq_len: int, name: str = "retrieval") -> None:
+    def __init__(self, index: Any, k: int, max_seq_len: int, name: str = "retrieval",
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> None:
         super().__init__(name=name)
         self.index = index
         self.k = int(k)
         self.max_seq_len = int(max_seq_len)
+        self.max_batch_size = check_max_batch_size(max_batch_size)
         self.serve = tf.function(self._serve, input_signature=[serving_signature(max_seq_len)],
                                  autograph=False)
 
     def _serve(self, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        features = checked_inputs(features, max_seq_len=self.max_seq_len,
+                                  max_batch_size=self.max_batch_size)
         scores, ids = self.index(features, k=self.k)
         return {ITEM_IDS: tf.cast(ids, tf.int64), SCORES: tf.cast(scores, tf.float32)}
 
@@ -106,7 +121,8 @@ def warmup_requests(features: Mapping[str, np.ndarray] | None, max_seq_len: int,
 
 def export_retrieval(index: Any, model_root: str, *, k: int, max_seq_len: int,
                      version: int | None = None, scann: bool = False,
-                     warmup_features: Mapping[str, np.ndarray] | None = None) -> str:
+                     warmup_features: Mapping[str, np.ndarray] | None = None,
+                     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> str:
     """Saves ``index`` as ``model_root/<version>`` with the ``serving_default`` signature.
 
     As the ranking export (:mod:`muse_tf.export.ranking`): written into a temporary directory and
@@ -123,12 +139,15 @@ def export_retrieval(index: Any, model_root: str, *, k: int, max_seq_len: int,
       scann: the index holds ScaNN ops: saved with ``namespace_whitelist=["Scann"]``.
       warmup_features: reader-style query features whose first rows become the warm-up
         requests (default: one random request).
+      max_batch_size: the most users one request may hold (the signature rejects more; a
+        training run's ``train.export_max_batch_size``).
 
     Returns:
       The version directory.
     """
+    check_max_batch_size(max_batch_size)
     tmp_dir, version_dir = version_dirs(model_root, version)
-    module = RetrievalServingModule(index, k, max_seq_len)
+    module = RetrievalServingModule(index, k, max_seq_len, max_batch_size=max_batch_size)
     options = None
     if scann:
         from muse_tf.index.scann_index import scann_save_options
@@ -140,7 +159,7 @@ def export_retrieval(index: Any, model_root: str, *, k: int, max_seq_len: int,
     model_name = os.path.basename(os.path.normpath(model_root))
     write_warmup(tmp_dir, warmup_requests(warmup_features, max_seq_len), model_name=model_name)
     info = {"signature": SIGNATURE_NAME, "model_name": model_name, "max_seq_len": max_seq_len,
-            "k": int(k), "needs_scann_ops": bool(scann),
+            "k": int(k), "max_batch_size": max_batch_size, "needs_scann_ops": bool(scann),
             "inputs": spec_info(serving_signature(max_seq_len)),
             "outputs": {ITEM_IDS: {"dtype": "int64", "shape": [None, int(k)]},
                         SCORES: {"dtype": "float32", "shape": [None, int(k)]}},

@@ -164,3 +164,95 @@ def test_versions_increase_and_cli_exports(trained):
     versions = sorted(int(v) for v in os.listdir(base) if v.isdigit())
     assert versions == [int(os.path.basename(path)), int(os.path.basename(path)) + 1]
     assert not [v for v in os.listdir(base) if v.startswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------
+# The signature's own checks (stock TF Serving runs them too): lengths, batch sizes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _signature_request(config, path, rows=1):
+    """A valid request of ``rows`` users (the first warm-up-style request, repeated)."""
+    info = export.describe(path)
+    request = _requests(config, info["max_seq_len"])[0]
+    return {name: np.repeat(value, rows, axis=0) for name, value in request.items()}, info
+
+
+def _run(fn, request):
+    return fn(**{k: tf.constant(v) for k, v in request.items()})[export.SCORES].numpy()
+
+
+@pytest.mark.parametrize(("name", "value", "fragments"), [
+    (schema.HISTORY_LENGTH, -5, ["input hist_len", "-5", "[0, {L}]"]),
+    (schema.HISTORY_LENGTH, "L+1", ["input hist_len", "{L1}", "[0, {L}]"]),
+    (schema.NUM_CANDIDATES, -3, ["input num_candidates", "-3", "[0, {C}]"]),
+    (schema.NUM_CANDIDATES, "C+1", ["input num_candidates", "{C1}", "[0, {C}]"]),
+])
+def test_signature_rejects_lengths_the_tensors_contradict(trained, name, value, fragments):
+    _, config, _, path = trained
+    request, info = _signature_request(config, path, rows=3)
+    sizes = {"L": info["max_seq_len"], "L1": info["max_seq_len"] + 1,
+             "C": MAX_CANDIDATES, "C1": MAX_CANDIDATES + 1}
+    value = {"L+1": sizes["L1"], "C+1": sizes["C1"]}.get(value, value)
+    request[name] = request[name].copy()
+    request[name][1] = value
+    fn = tf.saved_model.load(path).signatures[export.SIGNATURE_NAME]
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        _run(fn, request)
+    for fragment in fragments:
+        assert fragment.format(**sizes) in raised.value.message, raised.value.message
+    assert "at rows] [1]" in raised.value.message, raised.value.message
+
+
+def test_signature_rejects_inputs_of_different_batch_sizes(trained):
+    _, config, _, path = trained
+    request, _ = _signature_request(config, path)
+    request[schema.USER_ID.name] = np.repeat(request[schema.USER_ID.name], 2)  # 2 users, 1 row
+    fn = tf.saved_model.load(path).signatures[export.SIGNATURE_NAME]
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        _run(fn, request)
+    message = raised.value.message
+    assert "same batch size" in message and "user_id:] [2]" in message, message
+    assert "hist_len:] [1]" in message, message
+
+
+def test_signature_rejects_batches_above_its_max_batch_size(trained):
+    _, config, _, path = trained
+    info = export.describe(path)
+    assert info["max_batch_size"] == config.train.export_max_batch_size == 128
+    fn = tf.saved_model.load(path).signatures[export.SIGNATURE_NAME]
+    request, _ = _signature_request(config, path, rows=128)
+    assert _run(fn, request).shape == (128, MAX_CANDIDATES)
+    request, _ = _signature_request(config, path, rows=129)
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        _run(fn, request)
+    assert "batch size" in raised.value.message and "129" in raised.value.message
+    assert "maximum 128" in raised.value.message, raised.value.message
+
+
+def test_the_max_batch_size_is_configurable_and_the_warmup_still_replays(trained, tmp_path):
+    from serving import server as server_lib
+
+    model, config, _, _ = trained
+    small = config_lib.resolve("muse", assignments=[*SMALL, "train.export_max_batch_size=4"])
+    small.data.data_dir = config.data.data_dir
+    path = export.export_ranking_model(model, small, str(tmp_path),
+                                       max_candidates=MAX_CANDIDATES)
+    assert export.describe(path)["max_batch_size"] == 4
+    fn = tf.saved_model.load(path).signatures[export.SIGNATURE_NAME]
+    request, _ = _signature_request(config, path, rows=4)
+    assert _run(fn, request).shape == (4, MAX_CANDIDATES)
+    request, _ = _signature_request(config, path, rows=5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="maximum 4"):
+        _run(fn, request)
+    # TF Serving's way of running it (a v1 session over the graph), warm-up replayed.
+    loaded = server_lib.LoadedVersion(names.RANKING_MODEL_NAME, 1, path,
+                                      server_lib.ServerOptions())
+    try:
+        assert loaded.warmup_records == 8
+    finally:
+        loaded.retire()
+    with pytest.raises(ValueError, match=r"train\.export_max_batch_size=0"):
+        config_lib.resolve("muse", assignments=[*SMALL, "train.export_max_batch_size=0"])
+    with pytest.raises(ValueError, match="max_batch_size must be a positive int, got -1"):
+        export.export_ranking_model(model, config, str(tmp_path), max_batch_size=-1)

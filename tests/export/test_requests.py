@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import muse_tf  # noqa: F401
+from muse_tf import config as config_lib
 from muse_tf import schema
 from muse_tf.data import reader
 from muse_tf.export import names, requests, retrieval, signatures, warmup
@@ -279,6 +280,55 @@ def test_request_layout_from_shapes_and_raw_requests():
         requests.RequestLayout.from_shapes({HIST: [-1, 3]})
     with pytest.raises(ValueError, match="static size"):
         requests.RequestLayout.from_shapes({**shapes, HIST: [-1, -1]})
+
+
+# ---------------------------------------------------------------------------------------------
+# The client-side twin of the signature's checks: lengths, one batch size, the maximum batch.
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows(rows: int = 1) -> dict[str, np.ndarray]:
+    """A valid ranking request (L = 5, C = 4) of ``rows`` users."""
+    return {name: np.repeat(value, rows, axis=0) for name, value in _request().items()}
+
+
+def test_valid_inputs_pass_the_checks():
+    requests.check_inputs(_rows(3), max_seq_len=5, max_candidates=4)
+    requests.check_inputs(_rows(requests.DEFAULT_MAX_BATCH_SIZE), max_seq_len=5,
+                          max_candidates=4)
+    query = {k: v for k, v in _rows(2).items() if k in schema.QUERY_FEATURES}
+    requests.check_inputs(query, max_seq_len=5)
+    requests.check_inputs(_rows(1000), max_seq_len=5, max_candidates=4, max_batch_size=None)
+    assert requests.DEFAULT_MAX_BATCH_SIZE == signatures.DEFAULT_MAX_BATCH_SIZE == 128
+    assert config_lib.ExperimentConfig().train.export_max_batch_size == 128
+
+
+@pytest.mark.parametrize(("name", "value", "fragments"), [
+    (LEN, -5, ["'hist_len'", "-5", "[0, 5]", "row 1"]),
+    (LEN, 5000, ["'hist_len'", "5000", "[0, 5]", "row 1"]),
+    (COUNT, -3, ["'num_candidates'", "-3", "[0, 4]", "row 1"]),
+    (COUNT, 500, ["'num_candidates'", "500", "[0, 4]", "row 1"]),
+])
+def test_lengths_the_tensors_contradict_are_named(name, value, fragments):
+    inputs = _rows(2)
+    inputs[name] = np.array([1, value], np.int32)
+    with pytest.raises(ValueError) as raised:
+        requests.check_inputs(inputs, max_seq_len=5, max_candidates=4)
+    for fragment in fragments:
+        assert fragment in str(raised.value), str(raised.value)
+
+
+def test_different_batch_sizes_and_too_large_batches_are_named():
+    inputs = _rows(1)
+    inputs[schema.USER_ID.name] = np.array([9, 9], np.int64)
+    with pytest.raises(ValueError, match=r"'user_id' has batch size 2 .*has 1"):
+        requests.check_inputs(inputs, max_seq_len=5, max_candidates=4)
+    with pytest.raises(ValueError, match=r"batch size 129 .*maximum 128"):
+        requests.check_inputs(_rows(129), max_seq_len=5, max_candidates=4)
+    with pytest.raises(ValueError, match=r"batch size 3 .*maximum 2"):
+        requests.check_inputs(_rows(3), max_seq_len=5, max_candidates=4, max_batch_size=2)
+    with pytest.raises(ValueError, match="max_batch_size must be a positive int, got 0"):
+        requests.check_inputs(_rows(1), max_seq_len=5, max_candidates=4, max_batch_size=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from .toy_models import copy_versions, save_toy_ranker
 #: Version -> scale of the toy ranker saved for that version.
 SCALES = {1: 1.0, 2: 2.0}
 MODEL = "toy"
+#: The ``served`` fixture's --max_batch_size.
+BIG_BATCHES = 200_000
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +37,9 @@ def served(toy_versions: dict[int, str], tmp_path_factory: pytest.TempPathFactor
     """A server on a free port serving version 1 of the toy ranker as ``toy``."""
     base = copy_versions(toy_versions, os.fspath(tmp_path_factory.mktemp("served") / MODEL),
                          [1])
+    # A batch limit far above the default 128: one test sends 100,000 rows.
     handle = server_lib.serve(model_name=MODEL, model_base_path=base, port=0,
-                              poll_seconds=0.2, max_workers=4)
+                              poll_seconds=0.2, max_workers=4, max_batch_size=BIG_BATCHES)
     yield handle
     handle.stop(grace=5)
 

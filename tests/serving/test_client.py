@@ -311,3 +311,43 @@ def test_json_inputs_raw_requests_and_input_dicts(signature_def):
         client_lib.inputs_from_json([1, 2], RANKING_DEF)
     with pytest.raises(ValueError, match="'item_id' holds 4 candidates"):
         client_lib.inputs_from_json({**raw, "candidates": [{"item_id": 1}] * 4}, RANKING_DEF)
+
+
+def _ranking_inputs(rows: int = 1) -> dict[str, np.ndarray]:
+    raw = {"user": {"user_id": 7}, "history_items": [1, 2], "history_categories": [6, 7],
+           "candidates": [{"item_id": 11}, {"item_id": 12}]}
+    built = client_lib.inputs_from_json(raw, RANKING_DEF)
+    return {name: np.repeat(value, rows, axis=0) for name, value in built.items()}
+
+
+@pytest.mark.parametrize(("name", "value", "fragments"), [
+    (HIST_LENGTH, -5, ["'hist_len'", "-5", f"[0, {L}]"]),
+    (HIST_LENGTH, 5000, ["'hist_len'", "5000", f"[0, {L}]"]),
+    (schema.NUM_CANDIDATES, -3, ["'num_candidates'", "-3", f"[0, {C}]"]),
+    (schema.NUM_CANDIDATES, 500, ["'num_candidates'", "500", f"[0, {C}]"]),
+])
+def test_the_client_refuses_lengths_the_tensors_contradict(name, value, fragments):
+    inputs = _ranking_inputs()
+    inputs[name] = np.array([value], np.int32)
+    with pytest.raises(signatures.InputError) as raised:
+        client_lib.build_predict_request("muse_ranking", inputs, signature_def=RANKING_DEF)
+    for fragment in fragments:
+        assert fragment in str(raised.value), str(raised.value)
+
+
+def test_the_client_refuses_mixed_and_too_large_batches():
+    inputs = _ranking_inputs()
+    inputs[schema.USER_ID.name] = np.array([7, 8], np.int64)
+    with pytest.raises(signatures.InputError, match="'user_id' has batch size 2"):
+        client_lib.build_predict_request("muse_ranking", inputs, signature_def=RANKING_DEF)
+    with pytest.raises(signatures.InputError, match=r"batch size 129 .*maximum 128"):
+        client_lib.build_predict_request("muse_ranking", _ranking_inputs(129),
+                                         signature_def=RANKING_DEF)
+    with pytest.raises(signatures.InputError, match=r"batch size 5 .*maximum 4"):
+        client_lib.build_predict_request("muse_ranking", _ranking_inputs(5),
+                                         signature_def=RANKING_DEF, max_batch_size=4)
+    request = client_lib.build_predict_request("muse_ranking", _ranking_inputs(129),
+                                               signature_def=RANKING_DEF, max_batch_size=None)
+    assert tf.make_ndarray(request.inputs[HIST_LENGTH]).shape == (129,)
+    with client_lib.PredictionClient("127.0.0.1:1") as client:
+        assert client.max_batch_size == requests.DEFAULT_MAX_BATCH_SIZE == 128

@@ -15,6 +15,7 @@ from google.protobuf import (
 )
 
 from muse_tf.export import names
+from muse_tf.export import signatures as export_signatures
 from muse_tf.train import DEFAULT_RUNS_DIR
 from serving import client as client_lib
 from serving import grpc_options
@@ -85,12 +86,21 @@ def test_server_and_client_share_one_message_limit():
         "grpc.max_receive_message_length": grpc_options.MAX_MESSAGE_BYTES}
     assert server_lib.parse_args(["--model_name", "m", "--model_base_path", "b"]
                                  ).max_message_mb * 1024 * 1024 == grpc_options.MAX_MESSAGE_BYTES
+    assert grpc_options.MAX_MESSAGE_MB_LIMIT == 2047  # 2 GiB overflows gRPC's int32
+    for bad in (0, -1, 2**31, 1024 * 1024 - 1):
+        with pytest.raises(ValueError, match=f"max_message_bytes must be in .*got {bad}"):
+            client_lib.channel_options(bad)
+    assert dict(client_lib.channel_options(2047 * 1024 * 1024))[
+        "grpc.max_send_message_length"] < 2**31
 
 
 def test_batching_parameters():
     with open(os.path.join(SERVING_DIR, "batching_parameters.txt")) as f:
         parameters = text_format.Parse(f.read(), _batching_parameters_class()())
     assert parameters.max_batch_size.value == 128
+    # The signature's checks see the batched request: its limit must not be smaller.
+    assert parameters.max_batch_size.value <= export_signatures.DEFAULT_MAX_BATCH_SIZE
+    assert server_lib.ServerOptions().max_batch_size >= parameters.max_batch_size.value
     sizes = list(parameters.allowed_batch_sizes)
     assert sizes == sorted(sizes) and sizes[-1] == parameters.max_batch_size.value
     assert parameters.num_batch_threads.value >= 1

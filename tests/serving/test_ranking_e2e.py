@@ -15,7 +15,7 @@ from muse_tf.export import requests
 from muse_tf.export.names import RANKING_MODEL_NAME
 from muse_tf.training.ranking import run_ranking as run_experiment
 from serving import ranking
-from serving.client import PredictionClient, build_predict_request
+from serving.client import PredictionClient, build_predict_request, response_outputs
 from serving.server import serve
 
 SMALL = ["data.batch_size=4", "model.top_k=4", "model.short_term_len=3", "train.verbose=0",
@@ -122,3 +122,40 @@ def test_served_signature_is_what_the_builder_targets(served):
                                             info["max_candidates"])
     assert info["inputs"][schema.HISTORY_LENGTH]["dtype"] == schema.LENGTH_DTYPE
     assert info["inputs"][schema.NUM_CANDIDATES]["dtype"] == schema.LENGTH_DTYPE
+
+
+@pytest.mark.slow
+def test_lengths_and_batch_sizes_the_tensors_contradict_are_invalid_arguments(served):
+    # Sent without the signature (as any TF Serving client may), so the client's own checks
+    # do not run: the export's signature rejects them, in the server's v1 session as in TF
+    # Serving.
+    _, config, handle, info = served
+    examples = export.warmup_batch(DataDir.open(config.data.data_dir), info["max_seq_len"])
+    user, items, categories = _user(examples, 0)
+    candidate = {f.name: int(examples[f.name][0]) for f in schema.ITEM_SIDE_FEATURES}
+    good = requests.ranking_request(user, items, categories, [candidate],
+                                    max_seq_len=info["max_seq_len"],
+                                    max_candidates=info["max_candidates"])
+    length, count = schema.HISTORY_LENGTH, schema.NUM_CANDIDATES
+    cases = {
+        "negative hist_len": ({length: np.array([-5], np.int32)}, [f"input {length}", "-5"]),
+        "hist_len above L": ({length: np.array([5000], np.int32)},
+                             [f"input {length}", "5000", f"[0, {info['max_seq_len']}]"]),
+        "negative num_candidates": ({count: np.array([-3], np.int32)},
+                                    [f"input {count}", "-3"]),
+        "num_candidates above C": ({count: np.array([500], np.int32)},
+                                   [f"input {count}", "500", f"[0, {info['max_candidates']}]"]),
+        "two users, one history": ({schema.USER_ID.name: np.repeat(good["user_id"], 2)},
+                                   ["same batch size", "user_id:] [2]", "hist_len:] [1]"]),
+    }
+    with PredictionClient(handle.address) as client:
+        for case, (changes, fragments) in cases.items():
+            with pytest.raises(grpc.RpcError) as err:
+                client.predict_response(build_predict_request(RANKING_MODEL_NAME,
+                                                              {**good, **changes}))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+            for fragment in fragments:
+                assert fragment in err.value.details(), (case, err.value.details())
+        scores = response_outputs(client.predict_response(
+            build_predict_request(RANKING_MODEL_NAME, good)))["scores"]
+        assert 0 < scores[0, 0] < 1 and np.all(scores[0, 1:] == 0)

@@ -128,6 +128,50 @@ def test_requests_above_grpc_default_4_mib_limit_pass(served, client):
     np.testing.assert_allclose(outputs["scores"], expected["scores"], rtol=1e-6)
 
 
+def test_requests_above_the_max_batch_size_are_invalid_arguments(toy_versions, tmp_path):
+    assert server_lib.ServerOptions().max_batch_size == 128
+    base = copy_versions(toy_versions, str(tmp_path / MODEL), [1])
+    with server_lib.serve(model_name=MODEL, model_base_path=base, port=0,
+                          max_batch_size=4) as handle:
+        stub = _stub(handle.address)
+        batch = random_batch(np.random.default_rng(11), 4)
+        np.testing.assert_allclose(
+            _outputs(stub.Predict(_request(batch), timeout=20))["scores"],
+            reference_scores(batch[HIST], batch[HIST_LENGTH], batch[ITEM], 1.0)["scores"])
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Predict(_request(random_batch(np.random.default_rng(12), 5)), timeout=20)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = raised.value.details()
+        assert f"input '{HIST}'" in details and "batch size 5" in details, details
+        assert "maximum 4" in details and "--max_batch_size" in details, details
+        # Scalars have no batch dimension; and the rejected request ran nothing.
+        calls = _outputs(stub.Predict(_request({}, signature="count"), timeout=20))["calls"]
+        assert int(calls) == 4
+
+
+@pytest.mark.parametrize(("flag", "value", "fragment"), [
+    ("--max_message_mb", "0", "--max_message_mb: 0"),
+    ("--max_message_mb", "-1", "--max_message_mb: -1"),
+    ("--max_message_mb", "4096", "--max_message_mb: 4096"),
+    ("--max_message_mb", "x", "--max_message_mb: 'x'"),
+    ("--max_workers", "0", "--max_workers: 0"),
+    ("--max_batch_size", "0", "--max_batch_size: 0"),
+    ("--max_batch_size", "-2", "--max_batch_size: -2"),
+])
+def test_bad_server_limits_are_one_line_argparse_errors(flag, value, fragment, capsys):
+    with pytest.raises(SystemExit) as raised:
+        server_lib.parse_args(["--model_name", "m", "--model_base_path", "b", flag, value])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("python -m serving.server: error: argument ") and fragment in error
+    args = server_lib.parse_args(["--model_name", "m", "--model_base_path", "b"])
+    assert (args.max_message_mb, args.max_workers, args.max_batch_size) == (512, 8, 128)
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1, got 0"):
+        server_lib.ServerOptions(max_batch_size=0)
+    with pytest.raises(ValueError, match="max_message_bytes must be in"):
+        server_lib.ServerOptions(max_message_bytes=0)
+
+
 def test_get_model_metadata_returns_the_signature_defs(served):
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     request.model_spec.name = MODEL
@@ -429,6 +473,48 @@ def test_a_version_that_fails_to_load_is_reported_and_the_old_one_keeps_serving(
         assert statuses[1].state == AVAILABLE
         batch = random_batch(np.random.default_rng(7), 1)
         assert _scores(_stub(handle.address), batch)[0] == 1
+
+
+def _corrupt(version_dir: str, how: str) -> None:
+    if how == "garbage saved_model.pb":
+        with open(os.path.join(version_dir, "saved_model.pb"), "wb") as f:
+            f.write(b"not a SavedModel")
+    else:  # the variables of a half-copied version
+        for name in os.listdir(os.path.join(version_dir, "variables")):
+            os.remove(os.path.join(version_dir, "variables", name))
+
+
+@pytest.mark.parametrize("how", ["garbage saved_model.pb", "no variables"])
+def test_startup_falls_back_to_the_newest_older_version_that_loads(toy_versions, tmp_path,
+                                                                    how, caplog):
+    base = copy_versions(toy_versions, str(tmp_path / MODEL), [1, 2])
+    staging = copy_versions(toy_versions, str(tmp_path / "staging"), [1, 2])
+    os.rename(os.path.join(staging, "1"), os.path.join(base, "3"))
+    _corrupt(os.path.join(base, "3"), how)
+    batch = random_batch(np.random.default_rng(13), 2)
+    expected = {v: reference_scores(batch[HIST], batch[HIST_LENGTH], batch[ITEM],
+                                    scale)["scores"] for v, scale in SCALES.items()}
+    with caplog.at_level("WARNING", logger="serving.server"), server_lib.serve(
+            model_name=MODEL, model_base_path=base, port=0, poll_seconds=30) as handle:
+        stub = _stub(handle.address)
+        version, scores = _scores(stub, batch)
+        assert version == 2
+        np.testing.assert_allclose(scores, expected[2], rtol=1e-6)
+        with client_lib.PredictionClient(handle.address) as client:
+            statuses = {s.version: s for s in client.status(MODEL)}
+        assert statuses[3].state == END and statuses[3].status.error_message
+        assert statuses[2].state == AVAILABLE and 1 not in statuses
+        logged = " ".join(r.getMessage() for r in caplog.records)
+        assert "version 3" in logged and "falling back to version 2" in logged, logged
+        # Later polls keep version 2 while version 3 stays corrupt, and a good version 4
+        # replaces it.
+        handle.manager.poll()
+        assert _scores(stub, batch)[0] == 2
+        os.rename(os.path.join(staging, "2"), os.path.join(base, "4"))
+        handle.manager.poll()
+        version, scores = _scores(stub, batch)
+        assert version == 4 and handle.manager.models[MODEL].available_versions == [4]
+        np.testing.assert_allclose(scores, expected[2], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
