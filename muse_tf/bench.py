@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m muse_tf.bench data|train|gsu|serving|scann|optimizer|all [options]``.
+"""Benchmarks: ``python -m muse_tf.bench data|train|gsu|mm_table|serving|scann|optimizer|all``.
 
 Every figure is measured in the same run as the figure it is compared with (medians over
 repeats; ratios printed beside them), because the machines here are shared and noisy.
@@ -9,7 +9,13 @@ repeats; ratios printed beside them), because the machines here are shared and n
 * ``train``: training examples/s of ``muse`` and ``din`` at history length 1,000 (target:
   >= 3,000/s for ``muse`` on 2 CPU cores).
 * ``gsu``: the multimodal GSU (cosine + masked top-K) at L = 1,000 / 10,000 / 100,000 beside a
-  NumPy matmul of the same shape and a TF einsum (target: GSU within 1.5x of the matmul).
+  NumPy matmul of the same shape and a TF einsum (target: GSU within 1.5x of the matmul); and
+  over a ``--table-rows`` frozen table: int8 codes (the default storage) beside float32 unit
+  vectors and NumPy's fp32 gather + matmul, with the table bytes read per second and the
+  share of equal top-K indices.
+* ``mm_table``: peak RSS of building the frozen multimodal table of ``--rows`` (5M) items
+  from int8 arrays (vocabulary mapping + chunked load), against the int8 table's bytes
+  (target: <= 1.5x); ``--storage float32`` for the float table.
 * ``serving``: gRPC latency (p50/p99) and throughput of the exported ranker through the local
   PredictionService server, C = 100 candidates, L = 1,000 / 10,000 (/ 100,000), 1 and 8
   concurrent clients (target: p99 <= 50 ms for C = 100, L = 1,000, one client).
@@ -143,9 +149,12 @@ def bench_train(data_dir: str | None, experiments: Sequence[str], steps: int,
 
 
 # ----------------------------------------------------------------------------- gsu
-def _gsu_row(length: int, dim: int, top_k: int, repeats: int,
-             rng: np.random.Generator) -> dict[str, Any]:
+def _gsu_row(length: int, dim: int, top_k: int, repeats: int, rng: np.random.Generator,
+             table_rows: int) -> dict[str, Any]:
+    from muse_tf.embeddings import FrozenMultimodalTable
+    from muse_tf.embeddings.arrays import normalise_rows
     from muse_tf.layers import MultimodalGSU
+    from muse_tf.layers.search_unit import MM
 
     batch = max(1, min(256, 25_600_000 // (length * dim)))
     history = rng.standard_normal((batch, length, dim), dtype=np.float32)
@@ -155,41 +164,124 @@ def _gsu_row(length: int, dim: int, top_k: int, repeats: int,
     mask = rng.random((batch, length)) > 0.05
     history_tf, target_tf, mask_tf = tf.constant(history), tf.constant(target), tf.constant(mask)
     layer = MultimodalGSU(top_k)
-    gsu = tf.function(lambda: layer(target_tf, history_tf, mask_tf))
+    gsu = tf.function(lambda: layer({MM: target_tf}, {MM: history_tf}, mask_tf))
     einsum = tf.function(lambda: tf.einsum("bd,bld->bl", target_tf, history_tf))
     numpy_s = _median_seconds(lambda: np.matmul(history, target[:, :, None]), repeats)
     gsu_s = _median_seconds(lambda: gsu()["indices"].numpy(), repeats)
     einsum_s = _median_seconds(lambda: einsum().numpy(), repeats)
-    # The model's path: cosines straight from the frozen table (gather included), top-K;
-    # beside NumPy's gather + matmul of the same shape.
-    from muse_tf.embeddings import FrozenMultimodalTable
-
-    num_rows = 50_000
-    table = rng.standard_normal((num_rows, dim), dtype=np.float32)
-    table /= np.linalg.norm(table, axis=-1, keepdims=True)
-    rows = rng.integers(0, num_rows, (batch, length)).astype(np.int32)
-    frozen = FrozenMultimodalTable(num_rows, dim, initial_table=table)
-    rows_tf = tf.constant(rows)
-    table_gsu = tf.function(
-        lambda: layer.select(frozen.similarity(target_tf, rows_tf), mask_tf))
-    numpy_gather_s = _median_seconds(
-        lambda: np.matmul(np.take(table, rows, axis=0), target[:, :, None]), repeats)
-    table_gsu_s = _median_seconds(lambda: table_gsu()["indices"].numpy(), repeats)
+    # The model's path: cosines straight from the frozen table (gather included), top-K, from
+    # int8 codes (the default storage) and from float32 unit vectors, beside NumPy's fp32
+    # gather + matmul of the same shape (the floor).
+    codes = rng.integers(-128, 128, (table_rows, dim), dtype=np.int8)
+    unit = normalise_rows(codes)
+    rows = rng.integers(0, table_rows, (batch, length)).astype(np.int32)
+    query = unit[rng.integers(0, table_rows, batch)]
+    query_tf, rows_tf = tf.constant(query), tf.constant(rows)
+    tables = {"f32": FrozenMultimodalTable(table_rows, dim, storage_dtype="float32",
+                                           initial_table=unit),
+              "int8": FrozenMultimodalTable(table_rows, dim, initial_table=codes)}
+    seconds, indices = {}, {}
+    for name, frozen in tables.items():
+        table_gsu = tf.function(
+            lambda frozen=frozen: layer.select(frozen.similarity(query_tf, rows_tf), mask_tf))
+        seconds[name] = _median_seconds(lambda f=table_gsu: f()["indices"].numpy(), repeats)
+        indices[name] = table_gsu()["indices"].numpy()
+    seconds["numpy"] = _median_seconds(
+        lambda: np.matmul(np.take(unit, rows, axis=0), query[:, :, None]), repeats)
+    positions = batch * length
+    read = {"numpy": positions * dim * 4, "f32": positions * dim * 4,
+            "int8": positions * (dim + 4)}  # codes + one float32 inverse norm a position
     return {"seq_len": length, "batch": batch, "numpy_matmul_ms": 1e3 * numpy_s,
             "tf_einsum_ms": 1e3 * einsum_s, "gsu_topk_ms": 1e3 * gsu_s,
             "gsu_vs_numpy": gsu_s / numpy_s,
-            "numpy_gather_matmul_ms": 1e3 * numpy_gather_s,
-            "table_gsu_topk_ms": 1e3 * table_gsu_s,
-            "table_gsu_vs_numpy": table_gsu_s / numpy_gather_s, "target_ratio": 1.5}
+            "numpy_gather_matmul_ms": 1e3 * seconds["numpy"],
+            "table_f32_ms": 1e3 * seconds["f32"], "table_int8_ms": 1e3 * seconds["int8"],
+            **{f"{name}_GB_per_s": read[name] / 1e9 / seconds[name] for name in read},
+            "int8_vs_f32": seconds["int8"] / seconds["f32"],
+            "int8_vs_numpy": seconds["int8"] / seconds["numpy"],
+            "topk_agreement": float(np.mean(indices["int8"] == indices["f32"])),
+            "target_ratio": 1.5}
 
 
 def bench_gsu(lengths: Sequence[int], dim: int = schema.MM_EMBEDDING_DIM, top_k: int = 50,
-              repeats: int = 7) -> list[dict[str, Any]]:
-    """About 25.6M history floats per call (batch = 25.6M / (L * dim), at most 256)."""
+              repeats: int = 7, table_rows: int = 1_000_000) -> list[dict[str, Any]]:
+    """About 25.6M history floats per call (batch = 25.6M / (L * dim), at most 256); the
+    table paths read a ``table_rows``-row table (1M rows: 512 MB float32, larger than any
+    cache; 128 MB int8). GB/s = table bytes the search reads (B * L rows) per second."""
     rng = np.random.default_rng(0)
-    rows = [_gsu_row(length, dim, top_k, repeats, rng) for length in lengths]
-    _print("gsu: multimodal cosine + masked top-50 vs a same-shape matmul (median ms)", rows)
+    rows = [_gsu_row(length, dim, top_k, repeats, rng, table_rows) for length in lengths]
+    vector_keys = ("seq_len", "batch", "numpy_matmul_ms", "tf_einsum_ms", "gsu_topk_ms",
+                   "gsu_vs_numpy", "target_ratio")
+    _print("gsu: multimodal cosine + masked top-50 vs a same-shape matmul (median ms)",
+           [{k: row[k] for k in vector_keys} for row in rows])
+    _print(f"gsu over a {table_rows:,}-row frozen table: int8 codes vs float32 vs NumPy fp32 "
+           "gather + matmul (median ms, table GB/s read)",
+           [{k: v for k, v in row.items() if k not in vector_keys[2:6]} for row in rows])
     return rows
+
+
+# ----------------------------------------------------------------------------- mm_table
+def _rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set (``VmRSS``) or its peak since the last reset (``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Start a new ``VmHWM`` peak (Linux: ``5`` into ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        raise RuntimeError(f"the mm_table benchmark needs Linux's /proc/self/clear_refs to "
+                           f"measure a peak RSS: {e}") from e
+
+
+def bench_mm_table(rows: int, dim: int = schema.MM_EMBEDDING_DIM, storage: str = "int8",
+                   seed: int = 0) -> dict[str, Any]:
+    """Peak RSS of the model build's multimodal-table step over ``rows`` catalogue items.
+
+    The int8 catalogue (ids + ``[rows, dim]`` codes, as ``load_mm_embeddings`` returns it)
+    and an item vocabulary (the same ids in another order, plus 1% without an embedding)
+    are made first; then, between two RSS readings, what ``build_item_tables`` and the
+    models do: :func:`~muse_tf.embeddings.multimodal_codes` (vocabulary row -> code) and a
+    :class:`~muse_tf.embeddings.FrozenMultimodalTable` loaded from it. Target: peak RSS
+    delta <= 1.5x the int8 table bytes (``rows * dim``).
+    """
+    import gc
+
+    from muse_tf.embeddings import FrozenMultimodalTable, multimodal_codes
+
+    rng = np.random.default_rng(seed)
+    FrozenMultimodalTable(4, dim, storage_dtype=storage,
+                          initial_table=np.ones((4, dim), np.int8))  # TF's one-off set-up
+    mm_ids = rng.permutation(rows).astype(np.int64) * 3 + 1
+    codes = rng.integers(-128, 128, (rows, dim), dtype=np.int8)
+    codes[::1000] = 0  # items whose vector is all zero
+    vocab_ids = np.concatenate([mm_ids[rng.permutation(rows)],
+                                np.arange(rows // 100, dtype=np.int64) * 3 + 2])
+    gc.collect()
+    before = _rss_bytes()
+    _reset_peak_rss()
+    start = time.perf_counter()
+    table = FrozenMultimodalTable(len(vocab_ids) + 2, dim, storage_dtype=storage,
+                                  initial_table=multimodal_codes(vocab_ids, mm_ids, codes))
+    build_s = time.perf_counter() - start
+    gc.collect()
+    peak, after = _rss_bytes("VmHWM") - before, _rss_bytes() - before
+    int8_bytes = rows * dim
+    weight_bytes = sum(int(np.prod(w.shape)) * w.dtype.size for w in table.weights)
+    row = {"rows": rows, "storage": storage, "int8_table_MB": int8_bytes / 1e6,
+           "weights_MB": weight_bytes / 1e6, "peak_rss_delta_MB": peak / 1e6,
+           "peak_over_int8_table": peak / int8_bytes,
+           "peak_over_weights": peak / weight_bytes,
+           "rss_delta_after_MB": after / 1e6, "build_s": build_s, "target_ratio": 1.5}
+    _print(f"mm_table: peak RSS of building a {storage} FrozenMultimodalTable from int8 "
+           "arrays (delta over the loaded catalogue)", [row])
+    return row
 
 
 # ----------------------------------------------------------------------------- serving
@@ -322,8 +414,8 @@ def bench_optimizer(rows: Sequence[int], steps: int, batch_size: int = 256,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m muse_tf.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["data", "train", "gsu", "serving", "scann",
-                                         "optimizer", "all"])
+    parser.add_argument("what", choices=["data", "train", "gsu", "mm_table", "serving",
+                                         "scann", "optimizer", "all"])
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--seq-len", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
@@ -333,8 +425,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lengths", default="1000,10000,100000")
     parser.add_argument("--scann-items", type=int, default=1_000_000)
-    parser.add_argument("--rows", default="10000,10000000",
-                        help="`optimizer`: vocabulary sizes of the embedding table")
+    parser.add_argument("--rows", default=None,
+                        help="`optimizer`: vocabulary sizes of the embedding table (default "
+                             "10000,10000000); `mm_table`: catalogue items (default 5000000)")
+    parser.add_argument("--storage", default="int8", choices=["int8", "float32", "float16"],
+                        help="`mm_table`: storage of the frozen multimodal table")
+    parser.add_argument("--table-rows", type=int, default=1_000_000,
+                        help="`gsu`: rows of the frozen table the table paths read")
     parser.add_argument("--ids-per-example", type=int, default=1051,
                         help="`optimizer`: ids of one example (the batch is --batch-size x this)")
     parser.add_argument("--optimizer-steps", type=int, default=7,
@@ -351,7 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["data"] = bench_data(args.samples, args.seq_len, args.workers,
                                      os.path.join(work_dir, "data_bench"))
     if args.what in ("gsu", "all"):
-        results["gsu"] = bench_gsu(lengths)
+        results["gsu"] = bench_gsu(lengths, table_rows=args.table_rows)
+    if args.what in ("mm_table", "all"):
+        results["mm_table"] = [bench_mm_table(int(x), storage=args.storage)
+                               for x in (args.rows or "5000000").split(",") if x]
     if args.what in ("train", "all"):
         results["train"] = bench_train(args.data, args.experiments.split(","), args.steps,
                                        args.batch_size, args.seq_len, work_dir)
@@ -364,7 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print("scann: ScaNN vs brute force, top-100", [row])
         results["scann"] = row
     if args.what in ("optimizer", "all"):
-        results["optimizer"] = bench_optimizer([int(x) for x in args.rows.split(",") if x],
+        optimizer_rows = (args.rows or "10000,10000000").split(",")
+        results["optimizer"] = bench_optimizer([int(x) for x in optimizer_rows if x],
                                                args.optimizer_steps, args.batch_size,
                                                args.ids_per_example)
     if args.json:

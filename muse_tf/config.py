@@ -26,6 +26,7 @@ MODEL_CHOICES = {
     "attention": ("official", "scaled"),
     "simtier_binning": ("ceil", "floor"),
     "tower_style": ("official", "batch"),
+    "mm_storage_dtype": ("int8", "float32", "float16"),
 }
 
 
@@ -52,6 +53,9 @@ class ModelConfig:
     use_user_attributes: bool = True
     use_item_attributes: bool = True
     use_user_id: bool = True     # official: the user-id embedding is a tower input
+    # The frozen multimodal table: int8 SCL codes + a per-row inverse norm (4.5 GB for
+    # TAOBAO-MM's 35.4M items) or float32 / float16 unit vectors (4x / 2x the bytes).
+    mm_storage_dtype: str = "int8"
     # [] = official: E for user_attr_1..2 (130_1, 130_2), E/2 for user_attr_3..5.
     user_attribute_dims: list[int] = dataclasses.field(default_factory=list)
     embedding_init: str = "truncated_normal"   # truncated_normal (official) | normal
@@ -129,6 +133,12 @@ class TrainConfig:
     validation_every_examples: int = 2_000_000
     max_eval_steps: int = 0      # batches of the test (and validation) split; 0 = all
     strategy: str = "default"    # default | mirrored | multi_worker
+    # A killed run started again with the same command continues from its last backup
+    # (model_dir/backup: weights, optimizer slots, step, data position, callback state),
+    # taken every backup_every_seconds of training (0: at period ends only) and at the end
+    # of every period.
+    resume: bool = True
+    backup_every_seconds: float = 600.0
     export: bool = True
     # Most users one request to an export may hold (its signature rejects more); keep it at
     # least TF Serving batching's max_batch_size (serving/batching_parameters.txt: 128).
@@ -184,10 +194,33 @@ class ExperimentConfig:
                                           or min(model.user_attribute_dims) <= 0):
             raise ValueError(f"model.user_attribute_dims={model.user_attribute_dims}: [] or "
                              "five positive sizes (user_attr_1..5)")
-        for field_name in ("batch_size", "eval_batch_size"):
+        for field_name in ("batch_size", "eval_batch_size", "shuffle_buffer"):
             if getattr(self.data, field_name) <= 0:
                 raise ValueError(f"data.{field_name}={getattr(self.data, field_name)} must be "
                                  "> 0")
+        for field_name in ("max_seq_len", "min_count"):
+            if getattr(self.data, field_name) < 0:
+                raise ValueError(f"data.{field_name}={getattr(self.data, field_name)} must be "
+                                 ">= 0")
+        if not 0 <= self.data.seed < 2**32:
+            raise ValueError(f"data.seed={self.data.seed} must be in [0, 2**32)")
+        for field_name in ("embedding_learning_rate", "dense_learning_rate"):
+            if not getattr(self.train, field_name) > 0:
+                raise ValueError(f"train.{field_name}={getattr(self.train, field_name)!r} "
+                                 "must be > 0")
+        if self.train.steps_per_execution < 1 or self.train.verbose not in (0, 1, 2):
+            raise ValueError(f"train.steps_per_execution={self.train.steps_per_execution} must "
+                             f"be >= 1 and train.verbose={self.train.verbose} one of 0, 1, 2")
+        if not 0.0 <= model.dropout < 1.0:
+            raise ValueError(f"model.dropout={model.dropout!r} must be in [0, 1)")
+        if model.gsu_projection_dim <= 0 or any(units <= 0 for units in model.tower_units):
+            raise ValueError(f"model.gsu_projection_dim={model.gsu_projection_dim} and every "
+                             f"model.tower_units={model.tower_units} must be > 0")
+        for field_name in ("beam_width", "negatives_per_level", "top_n", "tower_dim",
+                           "scann_leaves", "scann_leaves_to_search"):
+            if getattr(self.retrieval, field_name) <= 0:
+                raise ValueError(f"retrieval.{field_name}="
+                                 f"{getattr(self.retrieval, field_name)} must be > 0")
         if self.train.strategy not in ("default", "mirrored", "multi_worker"):
             raise ValueError(f"train.strategy={self.train.strategy!r} is not one of "
                              "default, mirrored, multi_worker")
@@ -201,7 +234,7 @@ class ExperimentConfig:
             raise ValueError(f"train.validation_share={self.train.validation_share!r} must be "
                              "in [0, 1) (0 = no validation split, fixed epochs)")
         for field_name in ("epochs", "patience", "validation_every_examples",
-                           "max_train_steps", "max_eval_steps"):
+                           "max_train_steps", "max_eval_steps", "backup_every_seconds"):
             if getattr(self.train, field_name) < 0:
                 raise ValueError(f"train.{field_name}={getattr(self.train, field_name)} must be "
                                  ">= 0")

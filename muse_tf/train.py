@@ -13,9 +13,14 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from muse_tf import config as config_lib
 from muse_tf import console
+from muse_tf.data import layout
+
+if TYPE_CHECKING:
+    from muse_tf.data.data_dir import DataDir
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -39,6 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def open_data_or_exit(parser: argparse.ArgumentParser, path: str | None) -> DataDir:
+    """The data directory at ``path`` (the demo data set, built if needed, when empty),
+    checked before anything is built or trained
+    (:meth:`~muse_tf.data.data_dir.DataDir.check_for_training`: ``metadata.json`` readable,
+    a train split with examples, every shard it lists there); a problem is a one-line
+    ``parser.error`` (exit code 2) naming the directory."""
+    from muse_tf.data.data_dir import DataDir
+
+    if not path:
+        from muse_tf import demo
+
+        path = demo.ensure_demo_data()
+    try:
+        data = DataDir.open(path)
+        data.check_for_training()
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+        raise  # parser.error exits; this line is never reached
+    return data
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -55,11 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.strategy is not None:
         assignments.append(f"train.strategy={args.strategy}")
     config = console.resolve_or_exit(parser, args.experiment, args.config, assignments)
+    data = open_data_or_exit(parser, args.data or config.data.data_dir)
     # TensorFlow is imported after console.configure, so its C++ log level applies.
+    from muse_tf.data import reader
     from muse_tf.training.experiment import run_experiment, summary_table
 
     model_dir = args.model_dir or os.path.join(DEFAULT_RUNS_DIR, config.name)
-    result = run_experiment(config, model_dir, args.data)
+    # TensorFlow's read errors do not say which shard is corrupt: find and name it.
+    with reader.naming_unreadable_shards(data, *layout.SPLITS):
+        result = run_experiment(config, model_dir, data)
     print()
     print(summary_table(result))
     print(f"\ndata: {result['data_dir']}\nmodel dir: {model_dir}")

@@ -11,6 +11,7 @@ from muse_tf import metrics as metrics_lib
 from muse_tf import train
 from muse_tf.training import evaluation, runs
 from muse_tf.training.ranking import PREDICTIONS_FILE, run_ranking
+from tests.data.test_split_checks import copy_data_dir, reshard, truncate, update_metadata
 
 SHRINK = ["data.batch_size=4", "data.eval_batch_size=8", "model.top_k=4",
           "model.short_term_len=3", "model.num_tiers=4", "model.tower_units=[8]",
@@ -97,3 +98,80 @@ def test_cli_prints_one_summary_table_and_the_data_path(tiny_data_dir, tmp_path,
     out = capsys.readouterr().out
     assert out.count("| experiment |") == 1 and "| din |" in out
     assert f"data: {tiny_data_dir}" in out
+
+
+# --- refused before anything is built or trained -------------------------------------------
+
+def _usage_error(argv: list[str], capsys) -> str:
+    """The one-line message of ``python -m muse_tf.train`` exiting with status 2."""
+    with pytest.raises(SystemExit) as caught:
+        train.main(argv)
+    assert caught.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("python -m muse_tf.train: error: ")
+    return lines[-1]
+
+
+def test_cli_refuses_a_lost_test_shard_before_training(tiny_data_dir, tmp_path, capsys):
+    """Without the check, one of three test shards gone meant a test figure over two thirds
+    of the split and metrics.json written without a word."""
+    data_dir = copy_data_dir(tiny_data_dir, tmp_path / "data")
+    lost = reshard(data_dir, "test", 3)[1]
+    os.remove(lost)
+    model_dir = tmp_path / "run"
+    message = _usage_error(["--experiment", "din", "--data", data_dir, "--model-dir",
+                            str(model_dir), *[f"--set={a}" for a in SHRINK]], capsys)
+    assert "split 'test'" in message and f"missing from {data_dir}: {lost}" in message
+    assert not model_dir.exists()  # nothing built, trained or written
+
+
+def test_cli_names_the_truncated_shard_a_read_error_comes_from(tiny_data_dir, tmp_path):
+    """TensorFlow says "truncated record at N", not which of the split's shards is cut."""
+    import tensorflow as tf
+
+    data_dir = copy_data_dir(tiny_data_dir, tmp_path / "data")
+    shards = reshard(data_dir, "test", 3)
+    truncate(shards[2])
+    with pytest.raises(tf.errors.DataLossError,
+                       match=rf"1 of the 3 record shards of split 'test' of {data_dir} cannot "
+                             rf"be read: {shards[2]} \(truncated record"):
+        train.main(["--experiment", "din", "--data", data_dir, "--model-dir",
+                    str(tmp_path / "run"), *[f"--set={a}" for a in SHRINK]])
+
+
+def test_cli_refuses_an_empty_train_split_with_the_build_counts(tiny_data_dir, tmp_path,
+                                                                capsys):
+    data_dir = copy_data_dir(tiny_data_dir, tmp_path / "data")
+    update_metadata(data_dir, lambda m: m["splits"]["train"].update(
+        rows_read=48, examples_written=0, rows_rejected=48,
+        rejected={"no_item_features": 48}))
+    message = _usage_error(["--experiment", "din", "--data", data_dir, "--model-dir",
+                            str(tmp_path / "run"), *[f"--set={a}" for a in SHRINK]], capsys)
+    assert f"split 'train' of {data_dir} holds no examples" in message
+    assert "rows read 48, examples written 0, rows rejected 48 (no_item_features 48)" in message
+
+
+@pytest.mark.parametrize("assignment", [
+    "data.eval_batch_size=0", "data.batch_size=-4", "data.shuffle_buffer=0",
+    "data.max_seq_len=-1", "data.min_count=-1", "data.seed=-1",
+    "train.steps_per_execution=0", "train.dense_learning_rate=0",
+    "train.embedding_learning_rate=-1e-3", "train.verbose=3", "model.dropout=1.5",
+    "model.tower_units=[8,0]", "model.gsu_projection_dim=0", "retrieval.top_n=0",
+    "retrieval.beam_width=0"])
+def test_cli_bad_config_values_fail_before_any_data_is_read(assignment, tiny_data_dir,
+                                                           tmp_path, capsys, monkeypatch):
+    import time
+
+    from muse_tf import demo
+    from muse_tf.data.data_dir import DataDir
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was opened or built before the config was checked")
+
+    monkeypatch.setattr(DataDir, "open", no_data)
+    monkeypatch.setattr(demo, "ensure_demo_data", no_data)
+    start = time.perf_counter()
+    message = _usage_error(["--data", tiny_data_dir, "--model-dir", str(tmp_path / "run"),
+                            f"--set={assignment}"], capsys)
+    assert time.perf_counter() - start < 1.0
+    assert assignment.split("=")[0] in message

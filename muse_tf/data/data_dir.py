@@ -6,13 +6,16 @@ multimodal table and the history length, passed down a run instead of a path.
     data = DataDir.open("/data/taobao_mm")     # reads and checks metadata.json once
     data.max_seq_len                            # metadata (top level or "options")
     data.num_examples("train")                  # examples_written of the split, or None
-    data.split_files("test")                    # sorted shards (FileNotFoundError if none)
+    data.split_files("test")                    # sorted shards, checked against metadata.json
+    data.check_for_training()                   # train not empty, every listed shard there
     data.vocabulary("item")                     # (ids, counts), read once
     data.mm_embeddings()                        # (item ids, int8 vectors), read once
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -76,15 +79,78 @@ class DataDir:
 
     def split_files(self, split: str) -> list[str]:
         """The record shards of ``split``, sorted; ``FileNotFoundError`` naming the directory
-        and split when there are none."""
+        and split when there are none.
+
+        When ``metadata.json`` lists the split's files (``splits.<split>.files``), those are
+        the shards: a listed file that is missing is a ``FileNotFoundError`` naming the
+        files and the directory (a lost shard would otherwise go unnoticed), and a shard on
+        disk that the metadata does not list (a leftover of another build) is left out with
+        a warning naming it, so that what is read is what the counts describe.
+        """
         if split not in self._files:
-            self._files[split] = split_files(self.path, split)
+            self._files[split] = self._checked_files(split)
         return list(self._files[split])
+
+    def _checked_files(self, split: str) -> list[str]:
+        listed = artifacts.listed_split_files(self.metadata, split, self.path)
+        if listed is None:
+            return split_files(self.path, split)
+        if not listed:
+            raise FileNotFoundError(
+                f"{layout.metadata_path(self.path)} lists no record shards for split "
+                f"{split!r} of {self.path}: "
+                f"{artifacts.split_counts_text(self.metadata, split)}")
+        # By file name: the glob and the metadata may spell the directory differently.
+        found = tf.io.gfile.glob(layout.split_pattern(self.path, split))
+        found_names = {os.path.basename(f) for f in found}
+        missing = [f for f in listed
+                   if os.path.basename(f) not in found_names and not tf.io.gfile.exists(f)]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more"
+                                              if len(missing) > 5 else "")
+            raise FileNotFoundError(
+                f"{len(missing)} of the {len(listed)} record shards of split {split!r} that "
+                f"{layout.metadata_path(self.path)} lists are missing from {self.path}: "
+                f"{shown}; restore them or rebuild the data directory")
+        listed_names = {os.path.basename(f) for f in listed}
+        unlisted = sorted(f for f in found if os.path.basename(f) not in listed_names)
+        if unlisted:
+            warnings.warn(
+                f"{len(unlisted)} record shards under {self.path}/{split} are not listed in "
+                f"{layout.metadata_path(self.path)} and are not read: "
+                f"{', '.join(unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}",
+                stacklevel=3)
+        return listed
+
+    def require_examples(self, split: str) -> None:
+        """A one-line ``ValueError`` naming the directory and the build's counts for
+        ``split`` (rows read, examples written, rows rejected by reason) when the metadata
+        says it holds no example, as when the sample rows do not join the feature tables."""
+        if self.num_examples(split) != 0:
+            return
+        raise ValueError(
+            f"split {split!r} of {self.path} holds no examples: "
+            f"{artifacts.split_counts_text(self.metadata, split)} "
+            f"(from {layout.metadata_path(self.path)}); its sample rows did not join the "
+            f"feature tables (see {self.path}/{layout.REJECTED_DIR}/{split}/): rebuild from "
+            "sample and feature tables of the same cut of the data")
+
+    def check_for_training(self, splits: tuple[str, ...] = layout.SPLITS) -> None:
+        """What a training run checks before it builds or reads anything: the train split
+        holds examples (:meth:`require_examples`) and every shard of ``splits`` that the
+        metadata lists exists (:meth:`split_files`). Raises ``ValueError`` or
+        ``FileNotFoundError`` with a one-line message naming the directory."""
+        self.require_examples("train")
+        for split in splits:
+            self.split_files(split)
 
     def vocabulary(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, counts)`` of ``vocab/<name>.tsv`` (read once)."""
         if name not in self._vocabularies:
-            self._vocabularies[name] = artifacts.load_vocabulary(self.path, name)
+            ids, counts = artifacts.load_vocabulary(self.path, name)
+            artifacts.check_vocabulary_size(name, ids, counts, self.metadata,
+                                            layout.vocab_path(self.path, name))
+            self._vocabularies[name] = (ids, counts)
         return self._vocabularies[name]
 
     def mm_embeddings(self) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,13 @@
 Vocabularies are counted on the train split only (ids first seen at test time are out of
 vocabulary, as in production). The embedding table holds every valid row of the multimodal
 (SCL) table, int8 bytes of :data:`muse_tf.schema.MM_EMBEDDING_DIM` values.
+
+``metadata.json`` is the directory's manifest: ``splits.<split>.files`` lists the shards
+(paths relative to the directory) and ``examples_written`` their records,
+``vocabularies.<name>`` the lines (``size``) of each vocabulary file. Readers hold the files
+to it (:meth:`muse_tf.data.data_dir.DataDir.split_files`): a listed shard that is missing is
+an error, a shard that is not listed is left out with a warning, and a whole evaluation pass
+that reads another number of records than was written is an error.
 """
 
 from __future__ import annotations

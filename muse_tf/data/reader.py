@@ -26,9 +26,11 @@ one record at a time.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -165,6 +167,11 @@ def _parse_split_keys(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 def _read_split_keys(data: DataDir, split: str) -> tuple[np.ndarray, np.ndarray]:
     """``(user_ids, item_ids)`` of every record of ``split``: one pass, two fields parsed."""
+    with naming_unreadable_shards(data, split):
+        return _read_split_keys_unchecked(data, split)
+
+
+def _read_split_keys_unchecked(data: DataDir, split: str) -> tuple[np.ndarray, np.ndarray]:
     dataset = tf.data.Dataset.from_tensor_slices(data.split_files(split)).interleave(
         lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
         cycle_length=_DETERMINISTIC_CYCLE_LENGTH, num_parallel_calls=tf.data.AUTOTUNE,
@@ -220,6 +227,81 @@ def count_split(data: DataDir, split: str, holdout: ValidationSplit) -> SplitCou
         seconds=time.perf_counter() - start)
 
 
+#: Shards read at once when looking for the one a read error came from.
+_SCAN_THREADS = 8
+
+
+def _error_text(error: tf.errors.OpError) -> str:
+    """The message of a TensorFlow error without its function-node prefix and op suffix."""
+    text = error.message.split("}}", 1)[-1] if "}}" in error.message else error.message
+    return text.split(" [Op:", 1)[0].strip()
+
+
+def _read_error(path: str, compression_type: str) -> str | None:
+    """The read error of one shard read to its end (None when it reads cleanly). Only
+    record framing and decompression are exercised: nothing is parsed."""
+    dataset = tf.data.TFRecordDataset(path, compression_type=compression_type).batch(1024)
+    try:
+        dataset.reduce(tf.constant(0, tf.int64),
+                       lambda n, batch: n + tf.size(batch, out_type=tf.int64))
+    except (tf.errors.DataLossError, tf.errors.NotFoundError,
+            tf.errors.PermissionDeniedError) as err:
+        return _error_text(err)
+    return None
+
+
+def find_unreadable_shards(files: Sequence[str], compression_type: str = "GZIP"
+                           ) -> list[tuple[str, str]]:
+    """``(file, error)`` of every shard among ``files`` that cannot be read to its end (a
+    truncated or corrupt gzip stream or record, a file gone), in the order of ``files``.
+
+    Each shard is read alone (threads, :data:`_SCAN_THREADS` at once), so the cost is one
+    read of the files without parsing; called only after a read error, to name its file.
+    """
+    files = [str(f) for f in files]
+    if not files:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(min(_SCAN_THREADS, len(files))) as pool:
+        errors = list(pool.map(lambda f: _read_error(f, compression_type), files))
+    return [(f, e) for f, e in zip(files, errors, strict=True) if e is not None]
+
+
+def unreadable_shards_error(error: tf.errors.OpError, files: Sequence[str], where: str,
+                            compression_type: str = "GZIP") -> tf.errors.DataLossError | None:
+    """After ``error`` while reading ``files`` (``where`` names them, e.g. "split 'train' of
+    DATA_DIR"): a ``DataLossError`` naming every shard that cannot be read and what fails in
+    it, or None when every shard reads cleanly (the error came from elsewhere)."""
+    bad = find_unreadable_shards(files, compression_type)
+    if not bad:
+        return None
+    shown = "; ".join(f"{path} ({text})" for path, text in bad[:5])
+    more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return tf.errors.DataLossError(
+        None, None,
+        f"{len(bad)} of the {len(files)} record shards of {where} cannot be read: {shown}"
+        f"{more}; rebuild the data directory or restore these files (the read failed with: "
+        f"{_error_text(error)})")
+
+
+@contextlib.contextmanager
+def naming_unreadable_shards(data: DataDir, *splits: str) -> Iterator[None]:
+    """Around code that reads ``splits`` of ``data`` (training with ``fit``, an evaluation
+    pass): a ``DataLossError`` raised inside, which TensorFlow words without the file (e.g.
+    ``truncated record at 9005883``), is raised again naming the unreadable shard(s) of
+    those splits and the directory (:func:`find_unreadable_shards`); when every shard
+    reads cleanly the original error is raised unchanged."""
+    try:
+        yield
+    except tf.errors.DataLossError as err:
+        named = [e for e in (unreadable_shards_error(err, data.split_files(split),
+                                                     f"split {split!r} of {data.path}")
+                             for split in splits) if e is not None]
+        if not named:
+            raise
+        message = " | ".join(e.message for e in named)
+        raise tf.errors.DataLossError(None, None, message) from err
+
+
 def default_max_seq_len(data_dir: str) -> int:
     """The history length to pad to: ``max_seq_len`` from ``metadata.json`` (top level or
     under ``"options"``), else :data:`muse_tf.schema.MAX_HISTORY_LEN`."""
@@ -273,6 +355,9 @@ def make_dataset(
     Returns:
       A dataset of dicts; see the module docstring for names, shapes and dtypes.
     """
+    if not isinstance(data_dir, DataDir) and tf.io.gfile.exists(
+            layout.metadata_path(data_dir)):
+        data_dir = DataDir.open(data_dir)  # its shards are checked against metadata.json
     if isinstance(data_dir, DataDir):
         files = data_dir.split_files(split)
         if max_seq_len is None:

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from muse_tf import schema
 from muse_tf.embeddings.id_lookup import IdLookup
-from muse_tf.embeddings.multimodal_table import FrozenMultimodalTable
+from muse_tf.embeddings.multimodal_table import FrozenMultimodalTable, MultimodalCodes
 from muse_tf.embeddings.vocabulary import Vocabulary
 from muse_tf.layers.attention_logits import fresh_initializer
 from muse_tf.layers.masking import history_mask, masked_mean, newest_positions
@@ -83,8 +83,12 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
       use_user_attributes: embed ``user_attr_1..5`` (:meth:`user_attributes`).
       use_item_attributes: embed ``item_attr_1..2`` (:meth:`item_attributes`).
       use_user_id: embed ``user_id`` (:meth:`user_id_embedding`).
-      mm_table: optional ``[item rows, D]`` L2-normalised table
+      mm_table: optional ``[item rows, D]`` table to load into the frozen table: the int8
+        codes by reference (:func:`muse_tf.embeddings.multimodal_codes`, what the models are
+        built from), int8 codes by row, or (float storage) L2-normalised float vectors
         (:func:`muse_tf.embeddings.normalised_mm_matrix`); zeros until weights are restored.
+      mm_storage_dtype: the frozen table's storage (``int8`` codes + inverse norms, or
+        ``float32`` / ``float16`` unit vectors; :class:`FrozenMultimodalTable`).
       embeddings_initializer: initializer of every ID-embedding table.
       embedding_dims: per-vocabulary sizes overriding E (the official code embeds three user
         attributes at E/2); the item and category vocabularies always use E.
@@ -94,7 +98,8 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
                  id_embedding_dim: int, mm_dim: int = schema.MM_EMBEDDING_DIM,
                  short_term_len: int = schema.SHORT_TERM_LEN, use_user_attributes: bool = True,
                  use_item_attributes: bool = False, use_user_id: bool = False,
-                 mm_table: np.ndarray | None = None,
+                 mm_table: MultimodalCodes | np.ndarray | None = None,
+                 mm_storage_dtype: str = "int8",
                  embeddings_initializer: Any = None,
                  embedding_dims: Mapping[str, int] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -140,6 +145,7 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
             with tf.name_scope(layer.name):
                 layer.build(tf.TensorShape([None]))
         self.mm_table = FrozenMultimodalTable(self.item_lookup.num_rows, self.mm_dim,
+                                              storage_dtype=mm_storage_dtype,
                                               initial_table=mm_table, name="multimodal_table")
         # Models call the methods below rather than __call__; every weight exists now.
         self.built = True
@@ -300,6 +306,7 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
         return {**super().get_config(),
                 "vocabularies": {n: dataclasses.asdict(v) for n, v in self.vocabularies.items()},
                 "id_embedding_dim": self.id_embedding_dim, "mm_dim": self.mm_dim,
+                "mm_storage_dtype": self.mm_table.storage_dtype,
                 "short_term_len": self.short_term_len,
                 "use_user_attributes": self.use_user_attributes,
                 "use_item_attributes": self.use_item_attributes,

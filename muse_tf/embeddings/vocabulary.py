@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from muse_tf import schema
 from muse_tf.data.data_dir import DataDir
 from muse_tf.embeddings.arrays import normalise_rows, sorted_positions
 from muse_tf.embeddings.id_lookup import NUM_RESERVED_ROWS
+from muse_tf.embeddings.multimodal_table import MultimodalCodes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +73,65 @@ def build_vocabularies(data_dir: str | DataDir, out_dir: str, min_count: int = 1
 
 
 def read_vocabulary_ids(vocabulary: Vocabulary) -> np.ndarray:
-    """The raw ids of a model-side vocabulary file, in line order."""
-    ids = np.loadtxt(vocabulary.path, dtype=np.int64, delimiter="\t", usecols=0, ndmin=1)
+    """The raw ids of a model-side vocabulary file, in line order.
+
+    Raises:
+      OSError: naming the file when it is missing or cannot be read.
+      ValueError: naming the file when a line is malformed, or when it holds fewer than
+        ``vocab_size`` lines (a truncated file).
+    """
+    path = vocabulary.path
+    try:
+        with warnings.catch_warnings():  # an empty file: counted below, not warned about
+            warnings.simplefilter("ignore", UserWarning)
+            ids = np.loadtxt(path, dtype=np.int64, delimiter="\t", usecols=0, ndmin=1)
+    except OSError as err:
+        raise OSError(f"could not read vocabulary file {path!r} of {vocabulary.name!r}: "
+                      f"{err}") from err
+    except ValueError as err:
+        raise ValueError(f"malformed vocabulary file {path!r} of {vocabulary.name!r}: "
+                         f"{err}") from err
+    if len(ids) < vocabulary.vocab_size:
+        raise ValueError(f"vocabulary file {path!r} of {vocabulary.name!r} holds {len(ids)} "
+                         f"ids, fewer than its vocab_size={vocabulary.vocab_size}: the file "
+                         "was truncated or replaced after the model was built")
     return ids[: vocabulary.vocab_size]
+
+
+def multimodal_codes(vocab_ids: np.ndarray, mm_ids: np.ndarray,
+                     mm_vectors: np.ndarray) -> MultimodalCodes:
+    """The frozen table's rows as references into ``mm_vectors`` (no copy of the vectors).
+
+    Row ``2 + i`` of the table is the int8 vector of ``vocab_ids[i]``; rows 0/1 (padding,
+    OOV) and items without an embedding have none. Besides the result's int64
+    ``[len(vocab_ids) + 2]`` index, the mapping needs a few int64 arrays of the ids' length
+    (about 40 bytes a row, against the 128 bytes of a D = 128 int8 row).
+
+    Args:
+      vocab_ids: int64 ``[V]`` the model-side item vocabulary (line order).
+      mm_ids: int64 ``[N]`` item ids of the multimodal table (any order, unique, as
+        :func:`~muse_tf.data.artifacts.load_mm_embeddings` checks).
+      mm_vectors: int8 ``[N, D]`` their vectors (:func:`muse_tf.data.artifacts.
+        load_mm_embeddings`).
+    """
+    mm_vectors = np.asarray(mm_vectors)
+    if mm_vectors.ndim != 2 or len(mm_vectors) != len(mm_ids):
+        raise ValueError(f"mm_vectors has shape {mm_vectors.shape}, expected "
+                         f"[len(mm_ids)={len(mm_ids)}, dim]")
+    if mm_vectors.dtype != np.int8:
+        raise ValueError(f"mm_vectors must be the int8 SCL codes, got dtype {mm_vectors.dtype}")
+    vocab_ids = np.asarray(vocab_ids, np.int64)
+    code_index = np.full(len(vocab_ids) + NUM_RESERVED_ROWS, -1, np.int64)
+    if len(mm_ids) and len(vocab_ids):
+        mm_ids = np.asarray(mm_ids, np.int64)
+        ascending = bool(np.all(mm_ids[1:] > mm_ids[:-1]))
+        order = None if ascending else np.argsort(mm_ids)  # unique ids: any sort will do
+        positions, found = sorted_positions(mm_ids if order is None else mm_ids[order],
+                                            vocab_ids)
+        hits = positions[found]
+        code_index[NUM_RESERVED_ROWS + np.flatnonzero(found)] = (
+            hits if order is None else order[hits])
+    return MultimodalCodes(mm_vectors, code_index)
 
 
 def normalised_mm_matrix(vocab_ids: np.ndarray, mm_ids: np.ndarray,
@@ -81,17 +139,8 @@ def normalised_mm_matrix(vocab_ids: np.ndarray, mm_ids: np.ndarray,
     """``[len(vocab_ids) + 2, dim]`` float32 table of L2-normalised multimodal vectors.
 
     Row ``2 + i`` holds the vector of ``vocab_ids[i]``; rows 0/1 (padding, OOV) and items
-    without an embedding hold zeros. Normalisation happens here, once.
+    without an embedding hold zeros. For small tables and tests: a float copy of the whole
+    catalogue (4x the int8 bytes); models load :func:`multimodal_codes` instead.
     """
-    if mm_vectors.ndim != 2 or len(mm_vectors) != len(mm_ids):
-        raise ValueError(f"mm_vectors has shape {mm_vectors.shape}, expected "
-                         f"[len(mm_ids)={len(mm_ids)}, dim]")
-    dim = mm_vectors.shape[1]
-    table = np.zeros((len(vocab_ids) + NUM_RESERVED_ROWS, dim), np.float32)
-    if len(mm_ids) == 0 or len(vocab_ids) == 0:
-        return table
-    order = np.argsort(mm_ids, kind="stable")
-    positions, found = sorted_positions(mm_ids[order], vocab_ids)
-    table[NUM_RESERVED_ROWS + np.flatnonzero(found)] = normalise_rows(
-        mm_vectors[order[positions[found]]])
-    return table
+    codes = multimodal_codes(vocab_ids, mm_ids, mm_vectors)
+    return normalise_rows(codes.rows(0, codes.num_rows))

@@ -38,7 +38,7 @@ import tensorflow_recommenders as tfrs
 
 from muse_tf import schema
 from muse_tf.config import ModelConfig
-from muse_tf.embeddings import Vocabulary
+from muse_tf.embeddings import MultimodalCodes, Vocabulary
 from muse_tf.embeddings.arrays import normalise_rows
 from muse_tf.embeddings.feature_embeddings import VALID, FeatureEmbeddings
 from muse_tf.index.beam_search import BeamSearchResult, TreeTensors, tree_beam_search
@@ -175,13 +175,16 @@ class MissNodeScorer(TwoOptimizerModel):
       node_vectors: ``[num_nodes, D]`` tree node vectors (:attr:`IndexTree.node_vectors`: the
         mean of each node's leaves' normalised embeddings); re-normalised here so the MM-GSU
         similarity is a cosine. ``None`` to restore them from weights (give ``num_nodes``).
-      mm_table: ``[item rows, D]`` normalised multimodal table, or ``None`` to restore.
+      mm_table: the ``[item rows, D]`` frozen multimodal table to load (``ItemTables.mm_table``:
+        int8 codes by reference; see :class:`~muse_tf.embeddings.FrozenMultimodalTable`), or
+        ``None`` to restore it. Stored as ``config.mm_storage_dtype``.
       mm_dim: D.
       num_nodes: node rows when ``node_vectors`` is None.
     """
 
     def __init__(self, config: ModelConfig, vocabularies: Mapping[str, Vocabulary | dict],
-                 node_vectors: np.ndarray | None = None, mm_table: np.ndarray | None = None,
+                 node_vectors: np.ndarray | None = None,
+                 mm_table: MultimodalCodes | np.ndarray | None = None,
                  mm_dim: int = schema.MM_EMBEDDING_DIM, num_nodes: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -207,7 +210,7 @@ class MissNodeScorer(TwoOptimizerModel):
             vocabularies, config.id_embedding_dim, mm_dim=mm_dim,
             short_term_len=config.short_term_len,
             use_user_attributes=config.use_user_attributes, mm_table=mm_table,
-            name="features")
+            mm_storage_dtype=config.mm_storage_dtype, name="features")
         node_dim = self.features.behaviour_dim
         self.node_embedding = tf.keras.layers.Embedding(
             self.num_nodes, node_dim, name="node_embedding",

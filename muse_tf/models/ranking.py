@@ -40,7 +40,7 @@ import tensorflow_recommenders as tfrs
 
 from muse_tf import schema
 from muse_tf.config import ModelConfig
-from muse_tf.embeddings import Vocabulary
+from muse_tf.embeddings import MultimodalCodes, Vocabulary
 from muse_tf.embeddings.feature_embeddings import FeatureEmbeddings
 from muse_tf.layers import MLPTower, SemanticAwareTargetAttention, SimTier, TargetAttention
 from muse_tf.layers.masking import flatten_candidates, masked_mean, newest_positions
@@ -62,16 +62,17 @@ class RankingModel(TwoOptimizerModel):
       config: the model section of an experiment config.
       vocabularies: model-side vocabularies (:func:`muse_tf.embeddings.build_vocabularies`),
         as :class:`Vocabulary` or their dict form.
-      mm_table: ``[item vocabulary rows, dim]`` L2-normalised multimodal table
-        (:func:`muse_tf.embeddings.normalised_mm_matrix`), or ``None`` to restore from a
+      mm_table: the item vocabulary's multimodal codes (:class:`MultimodalCodes`, loaded
+        in chunks into the frozen table of ``config.mm_storage_dtype``, int8 by default), a
+        ``[item vocabulary rows, dim]`` float array, or ``None`` to restore from a
         checkpoint.
       mm_dim: multimodal embedding dimension.
     """
 
     def __init__(self, config: ModelConfig | Mapping[str, Any],
                  vocabularies: Mapping[str, Vocabulary | Mapping[str, Any]],
-                 mm_table: np.ndarray | None = None, mm_dim: int = schema.MM_EMBEDDING_DIM,
-                 **kwargs: Any) -> None:
+                 mm_table: MultimodalCodes | np.ndarray | None = None,
+                 mm_dim: int = schema.MM_EMBEDDING_DIM, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(config, Mapping):
             config = ModelConfig(**dict(config))
@@ -90,7 +91,8 @@ class RankingModel(TwoOptimizerModel):
             use_user_attributes=config.use_user_attributes,
             use_item_attributes=config.use_item_attributes, use_user_id=config.use_user_id,
             mm_table=mm_table, embeddings_initializer=_embedding_initializer(config),
-            embedding_dims=_user_attribute_dims(config), name="features")
+            embedding_dims=_user_attribute_dims(config),
+            mm_storage_dtype=config.mm_storage_dtype, name="features")
         self.mm_table = self.features.mm_table
 
         short_style, long_style = _attention_styles(config)

@@ -48,7 +48,7 @@ import tensorflow_recommenders as tfrs
 
 from muse_tf import schema
 from muse_tf.config import ModelConfig
-from muse_tf.embeddings import Vocabulary
+from muse_tf.embeddings import MultimodalCodes, Vocabulary
 from muse_tf.embeddings.feature_embeddings import MM_VALID, VALID, FeatureEmbeddings
 from muse_tf.layers.masking import masked_mean
 from muse_tf.layers.search_unit import ID, MM
@@ -133,7 +133,9 @@ class TwoTowerModel(TwoOptimizerModel):
         towers' hidden ReLU layers, ``use_user_attributes``).
       tower_dim: size of the query / candidate embeddings (``retrieval.tower_dim``).
       vocabularies: model-side vocabularies (or their dict form).
-      mm_table: normalised multimodal table (``None`` to restore from weights).
+      mm_table: the frozen multimodal table to load (``ItemTables.mm_table``: int8 codes by
+        reference; see :class:`~muse_tf.embeddings.FrozenMultimodalTable`), ``None`` to
+        restore it from weights. Stored as ``config.mm_storage_dtype``.
       mm_dim: multimodal embedding size.
       temperature: softmax temperature of the in-batch loss (``retrieval.temperature``).
       logq_correction: subtract ``log q`` of each candidate from its logits (needs
@@ -144,7 +146,8 @@ class TwoTowerModel(TwoOptimizerModel):
 
     def __init__(self, config: ModelConfig, tower_dim: int,
                  vocabularies: Mapping[str, Vocabulary | dict],
-                 mm_table: np.ndarray | None = None, mm_dim: int = schema.MM_EMBEDDING_DIM,
+                 mm_table: MultimodalCodes | np.ndarray | None = None,
+                 mm_dim: int = schema.MM_EMBEDDING_DIM,
                  temperature: float = DEFAULT_TEMPERATURE, logq_correction: bool = False,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -161,7 +164,7 @@ class TwoTowerModel(TwoOptimizerModel):
             vocabularies, config.id_embedding_dim, mm_dim=mm_dim,
             short_term_len=config.short_term_len,
             use_user_attributes=config.use_user_attributes, mm_table=mm_table,
-            name="features")
+            mm_storage_dtype=config.mm_storage_dtype, name="features")
         self.user_tower = UserTower(self.features, config.tower_units, tower_dim,
                                     name="user_tower")
         self.item_tower = ItemTower(self.features, config.tower_units, tower_dim,

@@ -3,6 +3,7 @@ clicked test queries (recall@N, queries/s, the popularity baseline)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -12,6 +13,8 @@ import tensorflow as tf
 
 from muse_tf import metrics as metrics_lib
 from muse_tf import schema
+from muse_tf.data import layout, reader
+from muse_tf.data.data_dir import DataDir
 
 RECALL_CUTOFFS = (50, 100, 200)
 
@@ -42,8 +45,9 @@ def prediction_step(model: tf.keras.Model) -> PredictStep:
 
 
 def predict_split(model: tf.keras.Model, dataset: tf.data.Dataset,
-                  max_steps: int = 0, step: PredictStep | None = None
-                  ) -> dict[str, np.ndarray]:
+                  max_steps: int = 0, step: PredictStep | None = None, *,
+                  data: DataDir | None = None, split: str | None = None,
+                  whole_split: bool = True) -> dict[str, np.ndarray]:
     """Run the model over a (deterministic) dataset.
 
     Args:
@@ -51,19 +55,53 @@ def predict_split(model: tf.keras.Model, dataset: tf.data.Dataset,
       dataset: batches of the reader.
       max_steps: at most this many batches (0: all).
       step: from :func:`prediction_step` (default: a new one, traced on the first batch).
+      data, split: where ``dataset`` reads from. Given, a read error of a shard is raised
+        naming the shard(s) (:func:`muse_tf.data.reader.naming_unreadable_shards`) and, with
+        ``whole_split``, a pass that reaches the end of the data checks that it read the
+        examples the metadata says were written.
+      whole_split: ``dataset`` holds every record of ``split`` once (False for a part of
+        it, as the validation part of a validation split).
 
     Returns the :data:`PREDICTION_COLUMNS` of every example and its ``score``.
+
+    Raises:
+      ValueError: naming the split, both counts and the directory when a whole pass read
+        another number of examples than ``metadata.json`` lists as written.
+      tf.errors.DataLossError: naming the unreadable shard(s) (with ``data`` and ``split``).
     """
     if step is None:
         step = prediction_step(model)
     columns: dict[str, list[np.ndarray]] = {name: [] for name in (*PREDICTION_COLUMNS, "score")}
-    for i, batch in enumerate(dataset):
-        if max_steps and i >= max_steps:
-            break
-        for name, value in step(batch).items():
-            columns[name].append(value.numpy())
-    return {name: (np.concatenate(parts) if parts else np.zeros(0))
-            for name, parts in columns.items()}
+    guard = (contextlib.nullcontext() if data is None or split is None
+             else reader.naming_unreadable_shards(data, split))
+    complete = True
+    with guard:
+        for i, batch in enumerate(dataset):
+            if max_steps and i >= max_steps:
+                complete = False
+                break
+            for name, value in step(batch).items():
+                columns[name].append(value.numpy())
+    out = {name: (np.concatenate(parts) if parts else np.zeros(0))
+           for name, parts in columns.items()}
+    if complete and whole_split and data is not None and split is not None:
+        check_examples_read(data, split, len(out["score"]))
+    return out
+
+
+def check_examples_read(data: DataDir, split: str, examples_read: int) -> None:
+    """A ``ValueError`` naming ``split``, both counts and the directory when a whole pass
+    over ``split`` read another number of examples than ``metadata.json`` says were written
+    (a shard cut at a record boundary or replaced after the build); nothing when the
+    metadata holds no count."""
+    written = data.num_examples(split)
+    if written is None or written == examples_read:
+        return
+    raise ValueError(
+        f"a pass over split {split!r} of {data.path} read {examples_read} examples, but "
+        f"{layout.metadata_path(data.path)} says {written} were written to its "
+        f"{len(data.split_files(split))} shards: a shard was truncated or replaced after the "
+        "build; rebuild the data directory")
 
 
 def evaluate_predictions(predictions: dict[str, np.ndarray]) -> dict[str, Any]:

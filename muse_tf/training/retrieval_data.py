@@ -20,7 +20,7 @@ from muse_tf import config as config_lib
 from muse_tf import schema
 from muse_tf.data import reader
 from muse_tf.data.data_dir import DataDir, split_files
-from muse_tf.embeddings.arrays import in_sorted, normalise_rows
+from muse_tf.embeddings.arrays import code_inverse_norms, in_sorted, normalise_rows
 from muse_tf.training.strategy import shard_for_strategy
 
 __all__ = ["Catalogue", "ClickCounts", "SamplingProbabilities", "click_counts",
@@ -31,22 +31,47 @@ READ_BATCH = 1024
 #: What a retrieval model reads of a clicked impression: the query and the clicked item.
 MODEL_COLUMNS: tuple[str, ...] = (*schema.QUERY_FEATURES, schema.ITEM_ID.name)
 
+#: Rows normalised per step by :attr:`Catalogue.vectors`.
+_VECTOR_CHUNK_ROWS = 65536
 #: ``keep(item_ids int64 [N]) -> bool [N]``: which clicked items a pipeline keeps.
 KeepFn = Callable[[tf.Tensor], tf.Tensor]
 
 
 class Catalogue:
-    """The retrievable items: ids of the multimodal table (ascending) and their L2-normalised
-    vectors ``[N, D]``. Rows whose vector is all zero are left out (they have no direction)."""
+    """The retrievable items: ids of the multimodal table (ascending) whose int8 vector is not
+    all zero (a zero vector has no direction), and their L2-normalised vectors.
+
+    The int8 codes are kept by reference (``mm_vectors`` and an int64 index: no copy);
+    :attr:`vectors` computes the float32 unit vectors ``[N, D]`` on each access, chunk by
+    chunk, into one array of ``N * D * 4`` bytes (18 GB for TAOBAO-MM's 35.4M items; only
+    the MISS tree build reads them, see :meth:`muse_tf.index.tree.IndexTree.build`).
+    """
 
     def __init__(self, mm_ids: np.ndarray, mm_vectors: np.ndarray) -> None:
-        vectors = normalise_rows(mm_vectors.astype(np.float32))
-        keep = (mm_ids != 0) & np.any(vectors != 0, axis=1)
-        order = np.argsort(mm_ids[keep], kind="stable")
-        self.item_ids = mm_ids[keep][order].astype(np.int64)
-        self.vectors = vectors[keep][order]
-        self.dropped = int(np.sum(~keep))
+        mm_ids = np.asarray(mm_ids, np.int64)
+        if mm_vectors.ndim != 2 or mm_vectors.dtype != np.int8 or len(mm_vectors) != len(mm_ids):
+            raise ValueError(f"Catalogue: mm_vectors must be int8 [len(mm_ids)={len(mm_ids)}, D], "
+                             f"got shape {mm_vectors.shape}, dtype {mm_vectors.dtype}")
+        keep = (mm_ids != 0) & (code_inverse_norms(mm_vectors) > 0)
+        kept = np.flatnonzero(keep)
+        self._index = kept[np.argsort(mm_ids[kept])]  # unique ids (load_mm_embeddings)
+        self._codes = mm_vectors
+        self.item_ids = mm_ids[self._index]
+        self.dropped = int(len(mm_ids) - len(kept))
         self._table: tf.lookup.StaticHashTable | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self._codes.shape[1])
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """float32 ``[N, D]`` unit vectors of :attr:`item_ids` (a new array each access)."""
+        out = np.empty((len(self), self.dim), np.float32)
+        for start in range(0, len(self), _VECTOR_CHUNK_ROWS):
+            stop = start + _VECTOR_CHUNK_ROWS
+            out[start:stop] = normalise_rows(self._codes[self._index[start:stop]])
+        return out
 
     def __len__(self) -> int:
         return int(self.item_ids.shape[0])
@@ -207,12 +232,14 @@ def clicked_dataset(data: str | DataDir, split: str, batch_size: int, max_seq_le
 def training_dataset(config: config_lib.ExperimentConfig, data: DataDir, seq_len: int,
                      keep: KeepFn,
                      add_targets: Callable[[dict[str, tf.Tensor], tf.Tensor],
-                                           dict[str, tf.Tensor]] | None = None
-                     ) -> tf.data.Dataset:
+                                           dict[str, tf.Tensor]] | None = None,
+                     skip_batches: int = 0) -> tf.data.Dataset:
     """The repeated, shuffled train batches of ``data.batch_size`` clicked impressions whose
     item passes ``keep``. ``add_targets(batch, step)`` (step: int64 scalar, the batch's index
     from 0) maps each batch to the model's inputs, e.g. to add the MISS node targets drawn
-    with a seed derived from ``step`` (so the whole pipeline is deterministic)."""
+    with a seed derived from ``step`` (so the whole pipeline is deterministic).
+    ``skip_batches``: start that many batches in (where a resumed run left off; the same
+    batches, with the same targets, as the interrupted run's from there)."""
     dataset = clicked_dataset(
         data, "train", config.data.batch_size, seq_len, keep=keep, shuffle=True,
         seed=config.data.seed, shuffle_buffer=config.data.shuffle_buffer, repeat=True,
@@ -220,4 +247,6 @@ def training_dataset(config: config_lib.ExperimentConfig, data: DataDir, seq_len
     if add_targets is not None:
         dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.counter())).map(
             add_targets, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if skip_batches:
+        dataset = dataset.skip(skip_batches)
     return shard_for_strategy(dataset, config.train.strategy).prefetch(tf.data.AUTOTUNE)

@@ -19,9 +19,14 @@ E = 3
 D = 4
 ITEMS = [11, 12, 13, 14]        # 14 is rare: past num_embedded, no ID row of its own
 CATEGORIES = [21, 22]
-MM = np.array([[0, 0, 0, 0], [0, 0, 0, 0],           # padding, OOV
-               [1, 0, 0, 0], [0, 0.6, 0.8, 0],        # items 11, 12
-               [0, 0, 0, 0], [0, 0, 0, 1]], np.float32)  # 13 has no vector, 14 has one
+#: The frozen table's int8 codes by row (what models load) and their unit vectors.
+MM_CODES = np.array([[0, 0, 0, 0], [0, 0, 0, 0],       # padding, OOV
+                     [5, 0, 0, 0], [0, 3, 4, 0],       # items 11, 12
+                     [0, 0, 0, 0], [0, 0, 0, -7]],     # 13 has no vector, 14 has one
+                    np.int8)
+MM = np.array([[0, 0, 0, 0], [0, 0, 0, 0],
+               [1, 0, 0, 0], [0, 0.6, 0.8, 0],
+               [0, 0, 0, 0], [0, 0, 0, -1]], np.float32)
 
 
 def _write(directory, name: str, ids: list[int], num_embedded: int | None = None) -> Vocabulary:
@@ -47,8 +52,8 @@ def vocabularies(tmp_path_factory) -> dict[str, Vocabulary]:
 
 def make_layer(vocabularies, **options) -> FeatureEmbeddings:
     tf.keras.utils.set_random_seed(0)
-    return FeatureEmbeddings(vocabularies, E, mm_dim=D, short_term_len=2, mm_table=MM,
-                             **options)
+    options.setdefault("mm_table", MM_CODES)
+    return FeatureEmbeddings(vocabularies, E, mm_dim=D, short_term_len=2, **options)
 
 
 def weight(layer: FeatureEmbeddings, vocabulary: str) -> np.ndarray:
@@ -188,7 +193,30 @@ def test_config_round_trip(vocabularies):
     # weights are copied.
     assert_config_round_trip(layer, [history_batch()])
     clone = FeatureEmbeddings.from_config(config)
-    assert not np.any(clone.mm_table.vectors.numpy())
+    assert not np.any(clone.mm_table.stored_values())
     clone.set_weights(layer.get_weights())
     assert_nested_close(clone.item_embedding(tf.constant([12, 14], tf.int64)),
                         layer.item_embedding(tf.constant([12, 14], tf.int64)))
+
+
+@pytest.mark.parametrize("storage, table", [("float32", MM), ("float16", MM),
+                                            ("float32", MM_CODES)])
+def test_float_storages_give_the_int8_tables_vectors(vocabularies, storage, table):
+    int8 = make_layer(vocabularies)
+    other = make_layer(vocabularies, mm_storage_dtype=storage, mm_table=table)
+    assert int8.mm_table.storage_dtype == "int8" and int8.mm_table.stored_values().dtype == np.int8
+    assert other.get_config()["mm_storage_dtype"] == storage
+    assert FeatureEmbeddings.from_config(other.get_config()).mm_table.storage_dtype == storage
+    ids = tf.constant([11, 12, 13, 14, 99, 0], tf.int64)
+    _, want, want_has = int8.item_embedding(ids)
+    _, got, got_has = other.item_embedding(ids)
+    np.testing.assert_allclose(want.numpy(), MM[[2, 3, 4, 5, 1, 0]], atol=1e-7)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-3 if storage == "float16"
+                               else 1e-7)
+    np.testing.assert_array_equal(got_has.numpy(), want_has.numpy())
+    np.testing.assert_array_equal(want_has.numpy(), [True, True, False, True, False, False])
+
+
+def test_float_table_cannot_be_stored_as_int8(vocabularies):
+    with pytest.raises(ValueError, match=r"a float32 initial_table cannot be stored as int8"):
+        make_layer(vocabularies, mm_table=MM)

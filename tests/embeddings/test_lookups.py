@@ -16,6 +16,7 @@ from muse_tf.embeddings import (
     build_vocabularies,
     normalised_mm_matrix,
 )
+from muse_tf.embeddings.arrays import normalise_rows
 from muse_tf.embeddings.vocabulary import read_vocabulary_ids
 
 BIG = np.iinfo(np.int64).max
@@ -57,15 +58,19 @@ def test_normalised_mm_matrix_normalises_once_and_zeroes_missing():
     np.testing.assert_allclose(table, expected, atol=1e-7)
 
 
-def test_frozen_table_gathers_and_masks():
+@pytest.mark.parametrize("storage", ["int8", "float32"])
+def test_frozen_table_gathers_and_masks(storage):
     table = np.array([[0, 0], [0, 0], [0.6, 0.8], [0, 0]], np.float32)
-    layer = FrozenMultimodalTable(4, 2, initial_table=table)
+    codes = np.array([[0, 0], [0, 0], [-3, -4], [0, 0]], np.int8)  # int8: any scale/sign
+    unit = table * np.array([[1], [1], [-1], [1]], np.float32)
+    layer = FrozenMultimodalTable(4, 2, storage_dtype=storage,
+                                  initial_table=codes if storage == "int8" else unit)
     rows = tf.constant([[2, 3, 0]])
-    np.testing.assert_allclose(layer(rows).numpy(), table[[[2, 3, 0]]])
+    np.testing.assert_allclose(layer(rows).numpy(), unit[[[2, 3, 0]]], atol=1e-7)
     np.testing.assert_array_equal(layer.has_embedding(rows).numpy(), [[True, False, False]])
     assert not layer.trainable_weights
     with pytest.raises(ValueError, match=r"\[num_rows=5, dim=2\]"):
-        FrozenMultimodalTable(5, 2, initial_table=table)
+        FrozenMultimodalTable(5, 2, storage_dtype=storage, initial_table=unit)
 
 
 def test_frozen_table_float16_storage():
@@ -94,10 +99,13 @@ def test_build_vocabularies_appends_multimodal_only_items(tmp_path):
 
 @pytest.mark.parametrize("chunk_bytes", [64, 1000, 1 << 20])
 @pytest.mark.parametrize("with_candidates", [False, True])
-def test_similarity_equals_gather_then_dot(chunk_bytes, with_candidates):
+@pytest.mark.parametrize("storage", ["int8", "float32"])
+def test_similarity_equals_gather_then_dot(chunk_bytes, with_candidates, storage):
     rng = np.random.default_rng(1)
-    table = rng.normal(size=(30, 8)).astype(np.float32)
-    layer = FrozenMultimodalTable(30, 8, initial_table=table)
+    codes = rng.integers(-128, 128, (30, 8)).astype(np.int8)
+    table = normalise_rows(codes)
+    layer = FrozenMultimodalTable(30, 8, storage_dtype=storage,
+                                  initial_table=codes if storage == "int8" else table)
     layer.chunk_bytes = chunk_bytes  # 64 bytes: one position per block; odd sizes pad
     rows = rng.integers(0, 30, size=(3, 13)).astype(np.int32)
     queries = rng.normal(size=(3, 4, 8) if with_candidates else (3, 8)).astype(np.float32)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from muse_tf.embeddings.arrays import normalise_rows
 from muse_tf.embeddings.multimodal_table import FrozenMultimodalTable
 from muse_tf.layers import CoMultimodalGSU
 from muse_tf.layers.co_multimodal_gsu import selected_positions
@@ -179,12 +180,29 @@ def _table_case(seed=23, batch=2, length=25, num_rows=20, dim=4):
 
 
 def _table(array):
-    return FrozenMultimodalTable(array.shape[0], array.shape[1], initial_table=array)
+    return FrozenMultimodalTable(array.shape[0], array.shape[1], storage_dtype="float32",
+                                 initial_table=array)
 
 
-def test_table_mode_matches_numpy_reference_and_vector_mode():
+def _int8_table(array):
+    """int8 codes of the float32 ``array``'s directions (|c| <= 127) and the table of them;
+    returns the unit vectors the codes stand for too."""
+    scale = np.max(np.abs(array), axis=1, keepdims=True)
+    codes = np.round(np.divide(127 * array, scale, out=np.zeros_like(array),
+                               where=scale > 0)).astype(np.int8)
+    table = FrozenMultimodalTable(array.shape[0], array.shape[1], initial_table=codes)
+    return table, normalise_rows(codes)
+
+
+@pytest.mark.parametrize("storage", ["float32", "int8"])
+def test_table_mode_matches_numpy_reference_and_vector_mode(storage):
     array, target, rows, history_id, mask = _table_case()
-    layer = CoMultimodalGSU(top_k=8, co_top_k=3, table=_table(array))
+    if storage == "int8":
+        table, array = _int8_table(array)
+    else:
+        table = _table(array)
+    assert table.storage_dtype == storage
+    layer = CoMultimodalGSU(top_k=8, co_top_k=3, table=table)
     assert layer.history_keys == (ID, ROWS)
     out = _out(layer, target, {ID: history_id, ROWS: rows}, mask)
     present = (np.abs(array).sum(axis=-1) > 0)[rows]

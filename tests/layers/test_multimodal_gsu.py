@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from muse_tf.embeddings.arrays import normalise_rows
 from muse_tf.embeddings.multimodal_table import FrozenMultimodalTable
 from muse_tf.layers import MultimodalGSU
 from muse_tf.layers.search_unit import MM, ROWS
@@ -142,7 +143,18 @@ def _table_array(rng, num_rows, dim, missing=(0, 1)):
 
 
 def _table(array, **kwargs):
+    """A float table of the unit vectors ``array`` (float32 unless told)."""
+    kwargs.setdefault("storage_dtype", "float32")
     return FrozenMultimodalTable(array.shape[0], array.shape[1], initial_table=array, **kwargs)
+
+
+def _int8_table(rng, num_rows, dim, missing=(0, 1)):
+    """An int8 table (the default storage) of random codes, the ``missing`` rows zero, and
+    the unit vectors the codes stand for."""
+    codes = rng.integers(-128, 128, size=(num_rows, dim)).astype(np.int8)
+    codes[list(missing)] = 0
+    table = FrozenMultimodalTable(num_rows, dim, initial_table=codes)
+    return table, normalise_rows(codes)
 
 
 def _table_reference(target, array, rows, mask, k):
@@ -171,14 +183,20 @@ def test_table_hand_computed_rows_without_embedding_are_never_selected():
     assert out["mask"].tolist() == [[True, True, True, False]]
 
 
+@pytest.mark.parametrize("storage", ["float32", "int8"])
 @pytest.mark.parametrize("chunk_bytes", [None, 100, 1])
-def test_table_top_k_matches_numpy_reference(chunk_bytes):
+def test_table_top_k_matches_numpy_reference(chunk_bytes, storage):
     # chunk_bytes 100 (3 positions a block, the last one padded) and 1 (one position a
     # block) walk the history in several blocks.
     rng = np.random.default_rng(11)
     batch, length, num_rows, dim, k = 2, 20, 30, 4, 6
-    array = _table_array(rng, num_rows, dim, missing=(0, 1, 7, 12, 13))
-    table = _table(array)
+    missing = (0, 1, 7, 12, 13)
+    if storage == "int8":
+        table, array = _int8_table(rng, num_rows, dim, missing)
+    else:
+        array = _table_array(rng, num_rows, dim, missing=missing)
+        table = _table(array)
+    assert table.storage_dtype == storage
     if chunk_bytes is not None:
         table.chunk_bytes = chunk_bytes
     target = unit_rows(rng, (batch, dim))
@@ -307,6 +325,18 @@ def test_table_config_round_trip_keeps_the_table_config():
 def test_table_saved_model_round_trip(tmp_path):
     array, args, mask = _table_round_trip_case()
     layer = MultimodalGSU(top_k=3, table=_table(array))
+    assert_saved_model_round_trip(layer, args, {"mask": mask}, tmp_path)
+
+
+def test_int8_table_round_trips(tmp_path):
+    _, args, mask = _table_round_trip_case()
+    table, _ = _int8_table(np.random.default_rng(17), 10, 4, missing=(0, 1, 4))
+    layer = MultimodalGSU(top_k=3, table=table)
+    assert {w.name.split("/")[-1] for w in layer.weights} == {"vectors:0", "inverse_norm:0",
+                                                              "present:0"}
+    assert layer(*args, mask=mask)["mask"].numpy().tolist() == [[True] * 3, [True, True, False]]
+    assert_config_round_trip(layer, args, {"mask": mask})
+    assert MultimodalGSU.from_config(layer.get_config()).table.storage_dtype == "int8"
     assert_saved_model_round_trip(layer, args, {"mask": mask}, tmp_path)
 
 

@@ -17,7 +17,7 @@ import tensorflow as tf
 from muse_tf import schema
 from muse_tf.config import ModelConfig
 from muse_tf.data import artifacts
-from muse_tf.embeddings import build_vocabularies, normalised_mm_matrix
+from muse_tf.embeddings import build_vocabularies, multimodal_codes
 from muse_tf.embeddings.arrays import normalise_rows
 from muse_tf.embeddings.vocabulary import read_vocabulary_ids
 from muse_tf.export.retrieval import export_retrieval, serving_signature
@@ -52,7 +52,7 @@ def world(tiny_data_dir, tmp_path_factory):
     mm_ids, mm_vectors = artifacts.load_mm_embeddings(tiny_data_dir)
     vocabularies = build_vocabularies(tiny_data_dir, str(model_dir / "vocab"),
                                       mm_item_ids=mm_ids)
-    table = normalised_mm_matrix(read_vocabulary_ids(vocabularies["item"]), mm_ids, mm_vectors)
+    table = multimodal_codes(read_vocabulary_ids(vocabularies["item"]), mm_ids, mm_vectors)
     tree = IndexTree.build(normalise_rows(mm_vectors), mm_ids)
     return {"vocabularies": vocabularies, "table": table, "tree": tree, "mm_ids": mm_ids}
 
@@ -242,7 +242,9 @@ def test_fit_lowers_the_loss_and_trains_every_part(world):
     assert int(scorer.embedding_optimizer.iterations.numpy()) == 15
     assert {v.name for v in scorer.embedding_variables()} <= changed
     # The frozen parts never change.
-    np.testing.assert_array_equal(scorer.features.mm_table.vectors.numpy(), world["table"])
+    codes = world["table"].rows(0, world["table"].num_rows)
+    assert scorer.features.mm_table.storage_dtype == "int8"
+    np.testing.assert_array_equal(scorer.features.mm_table.stored_values(), codes)
     np.testing.assert_allclose(scorer.node_mm.numpy(), normalise_rows(world["tree"].node_vectors))
 
 
@@ -254,7 +256,7 @@ def test_config_round_trip_rebuilds_the_scorer_from_its_weights(world, trained, 
     assert clone.num_nodes == world["tree"].num_nodes
     # Rebuilt with zeros for the frozen table and node vectors; they come back as weights.
     assert not np.any(clone.node_mm.numpy()) and not np.any(
-        clone.features.mm_table.vectors.numpy())
+        clone.features.mm_table.stored_values())
     batch = make_batches(world["tree"], 1, 4, seed=5)[0]
     clone.build_for(batch)
     path = str(tmp_path / "weights")
@@ -262,7 +264,8 @@ def test_config_round_trip_rebuilds_the_scorer_from_its_weights(world, trained, 
     clone.load_weights(path).assert_existing_objects_matched()
     np.testing.assert_allclose(clone(batch).numpy(), trained(batch).numpy(), rtol=1e-6,
                                atol=1e-6)
-    np.testing.assert_array_equal(clone.features.mm_table.vectors.numpy(), world["table"])
+    np.testing.assert_array_equal(clone.features.mm_table.stored_values(),
+                                  world["table"].rows(0, world["table"].num_rows))
     serialized = tf.keras.utils.serialize_keras_object(trained)
     assert serialized["registered_name"] == "muse_tf>MissNodeScorer"
 

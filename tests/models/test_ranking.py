@@ -184,7 +184,7 @@ def test_muse_search_selects_the_numpy_top_k_of_multimodal_cosines(tiny_data_dir
     target_rows = item_lookup.lookup_all(batch[schema.ITEM_ID.name])
     valid = history_mask(batch[schema.HISTORY_ITEM_ID.name], batch[schema.HISTORY_LENGTH])
     out = model.gsu({"mm": model.mm_table(target_rows)}, {"rows": rows}, valid)
-    table = model.mm_table.vectors.numpy().astype(np.float64)
+    table = model.mm_table(np.arange(model.mm_table.num_rows)).numpy().astype(np.float64)
     present = model.mm_table.present.numpy() > 0.5
     cosines = np.einsum("bd,bld->bl", table[target_rows.numpy()], table[rows.numpy()])
     selectable = valid.numpy() & present[rows.numpy()]
@@ -290,3 +290,21 @@ def test_targets_without_a_multimodal_vector_fall_back_to_the_newest_behaviours(
         picked = row[keep]
         assert (np.diff(picked) < 0).all()
     np.testing.assert_array_equal(selection["scores"].numpy(), 0.0)
+
+
+def test_the_model_is_built_on_the_int8_codes_of_the_catalogue(tiny_data_dir, tmp_path):
+    from muse_tf.data.data_dir import DataDir
+    from muse_tf.embeddings import normalised_mm_matrix
+    from muse_tf.embeddings.vocabulary import read_vocabulary_ids
+
+    model, batch = _model_and_batch("muse", tiny_data_dir, str(tmp_path))
+    table = model.mm_table
+    assert table.storage_dtype == "int8" and table.stored_values().dtype == np.int8
+    mm_ids, mm_vectors = DataDir.open(tiny_data_dir).mm_embeddings()
+    vocab_ids = read_vocabulary_ids(model.vocabularies[schema.ITEM_ID.vocabulary])
+    unit = normalised_mm_matrix(vocab_ids, mm_ids, mm_vectors)
+    rows = np.arange(table.num_rows)
+    np.testing.assert_allclose(table(rows).numpy(), unit, atol=2 * 2.0 ** -24, rtol=0)
+    np.testing.assert_array_equal(table.has_embedding(rows).numpy(), np.any(unit != 0, axis=1))
+    assert table.has_embedding(rows).numpy().sum() > 0.5 * len(mm_ids)
+    assert np.all(np.isfinite(model(batch).numpy()))

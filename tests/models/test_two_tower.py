@@ -18,7 +18,7 @@ import tensorflow as tf
 from muse_tf import schema
 from muse_tf.config import ModelConfig
 from muse_tf.data import artifacts
-from muse_tf.embeddings import build_vocabularies, normalised_mm_matrix
+from muse_tf.embeddings import build_vocabularies, multimodal_codes
 from muse_tf.embeddings.vocabulary import read_vocabulary_ids
 from muse_tf.export.retrieval import export_retrieval
 from muse_tf.index.brute_force import brute_force_index, numpy_top_k
@@ -35,7 +35,7 @@ def world(tiny_data_dir, tmp_path_factory):
     mm_ids, mm_vectors = artifacts.load_mm_embeddings(tiny_data_dir)
     vocabularies = build_vocabularies(tiny_data_dir, str(model_dir / "vocab"),
                                       mm_item_ids=mm_ids)
-    table = normalised_mm_matrix(read_vocabulary_ids(vocabularies["item"]), mm_ids, mm_vectors)
+    table = multimodal_codes(read_vocabulary_ids(vocabularies["item"]), mm_ids, mm_vectors)
     tf.keras.utils.set_random_seed(0)
     model = TwoTowerModel(SMALL, 8, vocabularies, mm_table=table, temperature=0.2)
     return {"model": model, "items": np.sort(mm_ids), "vocabularies": vocabularies,
@@ -222,7 +222,7 @@ def test_config_round_trip_rebuilds_the_model_from_its_weights(world, tmp_path):
     json.dumps(config)
     clone = TwoTowerModel.from_config(config)
     assert clone.get_config() == config
-    assert not np.any(clone.features.mm_table.vectors.numpy())  # restored from the weights
+    assert not np.any(clone.features.mm_table.stored_values())  # restored from the weights
     clone.build_for(batch)
     path = str(tmp_path / "weights")
     model.save_weights(path)
@@ -297,3 +297,22 @@ def test_exports_reload_and_return_the_same_items(world, tmp_path):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["modules"] == []
     np.testing.assert_array_equal(np.array(report["ids"]), expected)
+
+
+def test_the_table_storage_is_the_configs_and_gives_the_same_towers(world):
+    import dataclasses
+
+    batch = make_batch(world["items"], 6, seed=41)
+    towers = {}
+    for storage in ("int8", "float32"):
+        tf.keras.utils.set_random_seed(3)
+        config = dataclasses.replace(SMALL, mm_storage_dtype=storage)
+        model = TwoTowerModel(config, 8, world["vocabularies"], mm_table=world["table"])
+        assert model.features.mm_table.storage_dtype == storage
+        clone = TwoTowerModel.from_config(model.get_config())
+        assert clone.features.mm_table.storage_dtype == storage
+        towers[storage] = model.candidate_embeddings(world["items"][:50])
+        towers[storage + "_query"] = model(batch).numpy()
+    np.testing.assert_allclose(towers["int8"], towers["float32"], atol=1e-5)
+    np.testing.assert_allclose(towers["int8_query"], towers["float32_query"], atol=1e-5)
+    assert np.abs(towers["int8"]).max() > 1e-3
