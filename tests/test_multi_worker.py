@@ -62,3 +62,67 @@ def test_two_workers_on_localhost_train_and_the_chief_writes_metrics(tiny_data_d
     assert losses and metrics["train_loss"][-1] == pytest.approx(losses[-1], abs=1e-4)
     # Only the chief (worker 0) writes into the model directory proper.
     assert os.path.exists(os.path.join(model_dir, "checkpoints"))
+
+
+def _start_workers(cluster: dict, model_dir: str, data_dir: str,
+                   assignments: list[str]) -> list[subprocess.Popen]:
+    procs = []
+    for index in range(len(cluster["worker"])):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            CUDA_VISIBLE_DEVICES="")
+        cmd = [sys.executable, "-m", "muse_tf.train", "--experiment", "din",
+               "--data", data_dir, "--model-dir", model_dir, "--strategy", "multi_worker",
+               *[f"--set={a}" for a in assignments]]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+@pytest.mark.slow
+def test_killed_workers_restarted_with_the_same_commands_resume(tmp_path):
+    import time
+
+    from .training.test_schedule import SMALL, _write_data_dir
+
+    data_dir = _write_data_dir(str(tmp_path / "data"))
+    # Six validation periods (two epochs of three); the kill comes after the second.
+    assignments = [*SMALL, "train.validation_every_examples=1000", "train.epochs=2",
+                   "train.patience=10"]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    model_dir = str(tmp_path / "run")
+    state = os.path.join(model_dir, "backup", "run_state.json")
+    procs = _start_workers(cluster, model_dir, data_dir, assignments)
+    deadline, periods = time.monotonic() + 420, []
+    try:
+        while time.monotonic() < deadline and len(periods) < 2 and all(
+                p.poll() is None for p in procs):
+            time.sleep(0.2)
+            try:
+                with open(state) as f:
+                    periods = json.load(f)["periods"]
+            except (OSError, ValueError):
+                pass
+    finally:
+        for proc in procs:   # the scheduler loses both workers
+            proc.kill()
+            proc.communicate()
+    assert len(periods) >= 2, "the workers did not reach the second period"
+    procs = _start_workers(cluster, model_dir, data_dir, assignments)
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=420)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-4000:]
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    # The state of a period is written just before its backup: a kill in between resumes
+    # from the period before (whose state entries are the ones kept).
+    assert metrics["resumed_from"]["epoch"] >= 1
+    assert [r["period"] for r in metrics["validation"]] == list(range(1, 7))
+    assert not os.path.exists(os.path.join(model_dir, "backup"))

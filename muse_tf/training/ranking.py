@@ -57,8 +57,12 @@ def count_split(config: config_lib.ExperimentConfig, data: DataDir,
 
 def train_dataset(config: config_lib.ExperimentConfig, data: DataDir, seq_len: int,
                   batch_size: int, users: reader.ValidationSplit | None = None,
-                  examples: int | None = None) -> tuple[tf.data.Dataset, runs.Schedule]:
-    """The shuffled train batches (repeated when the size is known) and their schedule.
+                  examples: int | None = None, resume_model_dir: str | None = None,
+                  chief: bool = True,
+                  ) -> tuple[tf.data.Dataset, runs.Schedule, runs.Resume | None]:
+    """The shuffled train batches (repeated when the size is known), their schedule and, with
+    ``resume_model_dir`` (and ``train.resume``), the run's :class:`~muse_tf.training.runs.Resume`
+    (the batches then start where a killed run left off).
 
     Args:
       config: the run's config.
@@ -68,6 +72,8 @@ def train_dataset(config: config_lib.ExperimentConfig, data: DataDir, seq_len: i
       users: keep only the train part of this validation split (None: every train example).
       examples: train examples (default: the split's count in the metadata; with ``users``
         pass the counted train part).
+      resume_model_dir: the model directory whose backup to resume from (None: no resume).
+      chief: this worker writes the resume state.
     """
     if examples is None and users is None:
         examples = data.num_examples("train")
@@ -76,12 +82,18 @@ def train_dataset(config: config_lib.ExperimentConfig, data: DataDir, seq_len: i
                                           validate=users is not None)
     except ValueError as err:
         raise ValueError(f"{data.path}: {err}") from None
+    resume = None
+    if resume_model_dir is not None and config.train.resume and schedule.period_steps:
+        resume = runs.Resume(resume_model_dir, schedule.period_steps,
+                             config.train.backup_every_seconds, chief)
+    skip = 0 if resume is None or resume.point is None else resume.point.steps_done
     dataset = reader.make_dataset(data, "train", batch_size, max_seq_len=seq_len,
                                   shuffle=True, shuffle_buffer=config.data.shuffle_buffer,
                                   seed=config.data.seed, drop_remainder=True,
                                   repeat=schedule.period_steps is not None,
-                                  users=None if users is None else users.with_part("train"))
-    return shard_for_strategy(dataset, config.train.strategy), schedule
+                                  users=None if users is None else users.with_part("train"),
+                                  skip_examples=skip * batch_size)
+    return shard_for_strategy(dataset, config.train.strategy), schedule, resume
 
 
 def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
@@ -109,9 +121,10 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
     batch = config.data.batch_size
     users = validation_split_of(config)
     counts = count_split(config, data, users) if users is not None else None
-    train_ds, schedule = train_dataset(
+    train_ds, schedule, resume = train_dataset(
         config, data, seq_len, batch, users,
-        examples=None if counts is None else counts.train_examples)
+        examples=None if counts is None else counts.train_examples,
+        resume_model_dir=model_dir, chief=chief)
     model = runs.compiled_model(config, strategy,
                                 lambda: build_ranking_model(config, data, out_dir), train_ds)
     validation: list[tf.keras.callbacks.Callback] = []
@@ -127,18 +140,28 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
             restore_best_weights=True, verbose=1 if config.train.verbose else 0)
         validation = [validator, early_stopping]
     throughput, callbacks = runs.fit_callbacks(
-        out_dir, batch, validation, checkpoint_monitor="val_gauc" if validation else None)
+        out_dir, batch, validation, checkpoint_monitor="val_gauc" if validation else None,
+        resume=resume)
+    if resume is not None and resume.point is not None and config.train.verbose:
+        print(f"[{config.name}] resuming from {resume.backup_dir}: period "
+              f"{resume.point.epoch + 1}, step {resume.point.step} "
+              f"({resume.point.steps_done} steps done)", flush=True)
     start = time.perf_counter()
-    history = model.fit(train_ds, epochs=schedule.periods, steps_per_epoch=schedule.period_steps,
-                        callbacks=callbacks, verbose=config.train.verbose)
+    with reader.naming_unreadable_shards(data, "train"):
+        history = model.fit(train_ds, epochs=schedule.periods,
+                            steps_per_epoch=schedule.period_steps, callbacks=callbacks,
+                            verbose=config.train.verbose)
     train_seconds = time.perf_counter() - start
-    periods_run = len(history.history.get("loss", []))
+    losses = (resume.losses(history) if resume is not None
+              else [float(x) for x in history.history.get("loss", [])])
+    periods_run = len(losses)
 
     test_ds = reader.make_dataset(data, "test", config.data.eval_batch_size,
                                   max_seq_len=seq_len, shuffle=False, deterministic=True)
     eval_start = time.perf_counter()
     predictions = evaluation.predict_split(model, test_ds, config.train.max_eval_steps,
-                                           step=None if validator is None else validator.step)
+                                           step=None if validator is None else validator.step,
+                                           data=data, split="test")
     eval_seconds = time.perf_counter() - eval_start
     test = evaluation.evaluate_predictions(predictions)
     test["examples_per_sec"] = test["examples"] / eval_seconds if eval_seconds else None
@@ -152,13 +175,15 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
         "train_steps_per_epoch": schedule.epoch_steps,
         # Per period (a Keras epoch: a data epoch, or a fraction of one with validation):
         # the mean of the training loss over the period, what the progress bar shows last.
-        "train_loss": [float(x) for x in history.history.get("loss", [])],
+        "train_loss": losses,
         "schedule": {**schedule.as_dict(), "periods_run": periods_run,
                      "epochs_run": schedule.data_epochs(periods_run)},
         "validation_share": config.train.validation_share,
         "data_dir": data.path,
         "max_seq_len": seq_len,
     }
+    if resume is not None and resume.point is not None:
+        result["resumed_from"] = resume.point.as_dict()
     if counts is not None and validator is not None and early_stopping is not None:
         records = validator.records
         # EarlyStopping's best (the first of equal GAUCs): the restored weights.

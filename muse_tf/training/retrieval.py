@@ -54,6 +54,7 @@ import tensorflow as tf
 from muse_tf import config as config_lib
 from muse_tf import metrics as metrics_lib
 from muse_tf import schema
+from muse_tf.data import reader
 from muse_tf.data.data_dir import DataDir
 from muse_tf.embeddings.arrays import in_sorted
 from muse_tf.export import names
@@ -137,22 +138,34 @@ class _Run:
             add_targets: Callable | None = None) -> tuple[TwoOptimizerModel, dict[str, Any]]:
         """Builds the model under the strategy and trains it with ``fit``."""
         config = self.config
-        dataset = training_dataset(config, self.data, self.seq_len, keep, add_targets)
+        resume = (runs.Resume(self.model_dir, self.steps, config.train.backup_every_seconds,
+                              self.chief)
+                  if config.train.resume and config.train.epochs > 0 else None)
+        point = None if resume is None else resume.point
+        dataset = training_dataset(config, self.data, self.seq_len, keep, add_targets,
+                                   skip_batches=0 if point is None else point.steps_done)
         model = runs.compiled_model(config, self.strategy, build, dataset)
         out_dir = work_dir(self.model_dir, self.chief)
-        throughput, callbacks = runs.fit_callbacks(out_dir, config.data.batch_size)
+        throughput, callbacks = runs.fit_callbacks(out_dir, config.data.batch_size,
+                                                   resume=resume)
+        if point is not None and config.train.verbose:
+            print(f"[{config.name}] resuming from {resume.backup_dir}: epoch "
+                  f"{point.epoch + 1}, step {point.step}", flush=True)
         start = time.perf_counter()
         losses: list[float] = []
         if config.train.epochs > 0:  # 0: evaluate the untrained model (fit rejects 0)
-            history = model.fit(dataset, epochs=config.train.epochs,
-                                steps_per_epoch=self.steps, callbacks=callbacks,
-                                verbose=config.train.verbose)
+            with reader.naming_unreadable_shards(self.data, "train"):
+                history = model.fit(dataset, epochs=config.train.epochs,
+                                    steps_per_epoch=self.steps, callbacks=callbacks,
+                                    verbose=config.train.verbose)
             # History's epoch mean of the per-step global mean loss (= the progress bar's
-            # last value of each epoch).
-            losses = [float(x) for x in history.history.get("loss", [])]
+            # last value of each epoch), after those of the epochs before a resume.
+            losses = (resume.losses(history) if resume is not None
+                      else [float(x) for x in history.history.get("loss", [])])
         seconds = time.perf_counter() - start
         steps = self.steps * len(losses)
         return model, {
+            **({"resumed_from": point.as_dict()} if point is not None else {}),
             "train_loss": losses,
             "train_seconds": seconds, "train_steps_per_epoch": self.steps,
             "train_steps": steps, "train_examples": steps * config.data.batch_size,
@@ -191,6 +204,8 @@ class _Run:
             "train": {**self.clicks.as_dict(),
                       **{k: v for k, v in training.items() if k != "train_loss"}},
             "train_loss": training["train_loss"],
+            **({"resumed_from": training["resumed_from"]} if "resumed_from" in training
+               else {}),
             "train_examples_per_sec": training["train_examples_per_sec"],
             "train_seconds": training["train_seconds"],
             "train_steps_per_epoch": training["train_steps_per_epoch"],
@@ -269,7 +284,8 @@ def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
         result["export_dirs"] = {
             retrieval_export.MISS_MODEL_NAME: retrieval_export.export_retrieval(
                 index, run.export_dir(retrieval_export.MISS_MODEL_NAME), k=top_n,
-                max_seq_len=run.seq_len, warmup_features=run.warmup_features())}
+                max_seq_len=run.seq_len, warmup_features=run.warmup_features(),
+                max_batch_size=config.train.export_max_batch_size)}
     if run.chief:
         runs.write_metrics(model_dir, result)
     return result
@@ -348,11 +364,13 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
         warmup = run.warmup_features()
         dirs = {retrieval_export.BRUTE_FORCE_MODEL_NAME: retrieval_export.export_retrieval(
             brute_force, run.export_dir(retrieval_export.BRUTE_FORCE_MODEL_NAME),
-            k=top_n, max_seq_len=run.seq_len, warmup_features=warmup)}
+            k=top_n, max_seq_len=run.seq_len, warmup_features=warmup,
+            max_batch_size=config.train.export_max_batch_size)}
         if scann_layer is not None:
             dirs[retrieval_export.SCANN_MODEL_NAME] = retrieval_export.export_retrieval(
                 scann_layer, run.export_dir(retrieval_export.SCANN_MODEL_NAME),
-                k=top_n, max_seq_len=run.seq_len, scann=True, warmup_features=warmup)
+                k=top_n, max_seq_len=run.seq_len, scann=True, warmup_features=warmup,
+                max_batch_size=config.train.export_max_batch_size)
         result["export_dirs"] = dirs
     if run.chief:
         runs.write_metrics(model_dir, result)

@@ -1,7 +1,7 @@
 """What every training run shares: the model directory, the resolved config, the history
-length, the Keras callbacks, ``metrics.json`` and the summary table printed at the end; and
-the ranking run's schedule (:class:`Schedule`: data epochs cut into validation periods) and
-its validation callback (:class:`ValidationMetrics`)."""
+length, the Keras callbacks, resuming after a crash (:class:`Resume`), ``metrics.json`` and
+the summary table printed at the end; and the ranking run's schedule (:class:`Schedule`: data
+epochs cut into validation periods) and its validation callback (:class:`ValidationMetrics`)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 LOG_DIR = "logs"
+#: The training state of a run in progress (weights, both optimizers' slots, the step and
+#: epoch counters, and :data:`STATE_FILE`); removed when ``fit`` ends normally.
+BACKUP_DIR = "backup"
+#: Per-period state of the callbacks (validation records, early stopping, best checkpoint,
+#: losses) beside the backup, so that a resumed run continues them.
+STATE_FILE = "run_state.json"
 
 
 def prepare_run(config: config_lib.ExperimentConfig, model_dir: str,
@@ -38,6 +44,8 @@ def prepare_run(config: config_lib.ExperimentConfig, model_dir: str,
 
         data = demo.ensure_demo_data()
     data = DataDir.open(data)
+    # Before anything is built or written: an empty train split, a lost shard.
+    data.check_for_training()
     config.data.data_dir = data.path
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, CONFIG_FILE), "w") as f:
@@ -104,13 +112,16 @@ class Throughput(tf.keras.callbacks.Callback):
 def fit_callbacks(work_dir: str, batch_size: int,
                   validation: Sequence[tf.keras.callbacks.Callback] = (),
                   checkpoint_monitor: str | None = None,
+                  resume: Resume | None = None,
                   ) -> tuple[Throughput, list[tf.keras.callbacks.Callback]]:
     """Throughput, then ``validation`` (callbacks that add ``val_*`` figures to the epoch
     logs, and early stopping: placed before TensorBoard, the checkpoints and ``History``,
     so that they all see those figures), TensorBoard (``logs/``) and per-(Keras-)epoch
     weight checkpoints (``checkpoints/ckpt-EE``). With ``checkpoint_monitor`` (a ``val_*``
     figure, higher is better) only improving epochs are saved, so the latest checkpoint holds
-    the best weights."""
+    the best weights. With ``resume``, its backup callback comes first (it restores the
+    training state before the others start) and its state callback last (it saves what the
+    others did in a period, then backs the period up)."""
     throughput = Throughput(batch_size)
     checkpoint_path = os.path.join(work_dir, CHECKPOINT_DIR, "ckpt-{epoch:02d}")
     if checkpoint_monitor is None:
@@ -120,12 +131,222 @@ def fit_callbacks(work_dir: str, batch_size: int,
         checkpoint = tf.keras.callbacks.ModelCheckpoint(
             checkpoint_path, save_weights_only=True, monitor=checkpoint_monitor, mode="max",
             save_best_only=True)
-    return throughput, [
+    callbacks: list[tf.keras.callbacks.Callback] = [
         throughput,
         *validation,
         tf.keras.callbacks.TensorBoard(os.path.join(work_dir, LOG_DIR), update_freq=50),
         checkpoint,
     ]
+    if resume is not None:
+        callbacks = [resume.backup, *callbacks,
+                     resume.state_callback(validation, checkpoint, checkpoint_monitor)]
+    return throughput, callbacks
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run continues: after ``epoch`` complete Keras epochs (periods) and
+    ``step`` steps of the next, i.e. ``epoch * period_steps + step`` steps in all."""
+
+    epoch: int
+    step: int
+    period_steps: int
+
+    @property
+    def steps_done(self) -> int:
+        return self.epoch * self.period_steps + self.step
+
+    def as_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, "steps_done": self.steps_done}
+
+
+class _TimedBackup(tf.keras.callbacks.BackupAndRestore):
+    """Keras ``BackupAndRestore`` (weights, both optimizers' slots, the epoch/step counters;
+    restored in ``on_train_begin``, under any ``tf.distribute`` strategy it supports) that
+    backs up every ``every_seconds`` of training instead of every N steps, never at a period's
+    last step: :class:`_RunState` backs the period up after the period's validation, early
+    stopping and checkpoint have run, so a resumed run never skips them."""
+
+    def __init__(self, backup_dir: str, every_seconds: float, period_steps: int) -> None:
+        # An int save_freq makes Keras resume at the saved step (not only the epoch).
+        super().__init__(backup_dir, save_freq=1, delete_checkpoint=True)
+        self.every_seconds = every_seconds
+        self.period_steps = period_steps
+        self._last = time.monotonic()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if (self.every_seconds > 0 and batch < self.period_steps - 1
+                and time.monotonic() - self._last >= self.every_seconds):
+            self._backup(epoch=self._current_epoch, batch=batch)
+            self._last = time.monotonic()
+
+    def back_up_period(self, epoch: int) -> None:
+        """Back up the end of Keras epoch ``epoch`` (a resumed run starts the next one)."""
+        self._training_state._ckpt_saved_batch.assign(self.period_steps - 1)
+        self._backup(epoch=epoch, batch=self.period_steps - 1)
+        self._last = time.monotonic()
+
+
+class Resume:
+    """Resuming a killed run: started again with the same command, it continues from the
+    last backup instead of from scratch.
+
+    The backup (``BACKUP_DIR`` of the model directory, shared by all workers) holds the
+    weights, both optimizers' slots and the step counters (Keras ``BackupAndRestore``),
+    taken every ``train.backup_every_seconds`` of training and at the end of every period;
+    :data:`STATE_FILE` beside it holds, per period, the validation record, the early-stopping
+    and best-checkpoint state and the train loss. A resumed run's data starts where the
+    killed one was (:attr:`point`: the train batches of a seeded, repeated dataset are the
+    same on every run, so the first ``point.steps_done`` batches are skipped), its TensorBoard
+    steps continue (the step counter is restored) and ``metrics.json`` records
+    ``resumed_from``. Both are removed when training ends normally.
+
+    Args:
+      model_dir: the run's model directory.
+      period_steps: steps per Keras epoch of this run (a backup of another schedule is an
+        error: the data position would not match).
+      every_seconds: back up every this many seconds of training (0: at period ends only).
+      chief: this worker writes the state file.
+    """
+
+    def __init__(self, model_dir: str, period_steps: int, every_seconds: float,
+                 chief: bool = True) -> None:
+        self.backup_dir = os.path.join(model_dir, BACKUP_DIR)
+        self.state_path = os.path.join(self.backup_dir, STATE_FILE)
+        self.model_dir = model_dir
+        self.period_steps = period_steps
+        self.chief = chief
+        self.state = self._read_state()
+        self.point = self._read_point()
+        self.backup = _TimedBackup(self.backup_dir, every_seconds, period_steps)
+
+    def _read_state(self) -> dict[str, Any]:
+        if not tf.io.gfile.exists(self.state_path):
+            return {"period_steps": self.period_steps, "periods": []}
+        with tf.io.gfile.GFile(self.state_path) as f:
+            state = json.load(f)
+        if state.get("period_steps") != self.period_steps:
+            raise ValueError(
+                f"{self.backup_dir} holds the backup of a run with {state.get('period_steps')} "
+                f"steps per period, this run has {self.period_steps}: the config or the data "
+                f"changed since that run was killed; delete {self.backup_dir} to start afresh")
+        return state
+
+    def _read_point(self) -> ResumePoint | None:
+        path = tf.train.latest_checkpoint(os.path.join(self.backup_dir, "chief"))
+        if path is None:
+            return None
+        reader = tf.train.load_checkpoint(path)
+        epoch = int(reader.get_tensor("ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+        batch = int(reader.get_tensor("ckpt_saved_batch/.ATTRIBUTES/VARIABLE_VALUE"))
+        if epoch < 0 or batch < 0:
+            return None
+        # Keras' own rule (WorkerTrainingState): a backup at a period's last step resumes
+        # at the next period, else at the next step.
+        if batch >= self.period_steps - 1:
+            return ResumePoint(epoch + 1, 0, self.period_steps)
+        return ResumePoint(epoch, batch + 1, self.period_steps)
+
+    def periods_before(self) -> list[dict[str, Any]]:
+        """The state entries of the periods completed before the resume point."""
+        done = 0 if self.point is None else self.point.epoch
+        return [p for p in self.state["periods"] if p["period"] <= done]
+
+    def state_callback(self, validation: Sequence[tf.keras.callbacks.Callback],
+                       checkpoint: tf.keras.callbacks.ModelCheckpoint,
+                       checkpoint_monitor: str | None) -> tf.keras.callbacks.Callback:
+        return _RunState(self, validation, checkpoint, checkpoint_monitor)
+
+    def write_state(self) -> None:
+        if not self.chief:
+            return
+        tf.io.gfile.makedirs(self.backup_dir)
+        tmp = self.state_path + ".tmp"
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            json.dump(self.state, f, default=float)
+        tf.io.gfile.rename(tmp, self.state_path, overwrite=True)
+
+    def remove(self) -> None:
+        """Remove the backup (the run ended normally)."""
+        if self.chief and tf.io.gfile.exists(self.backup_dir):
+            tf.io.gfile.rmtree(self.backup_dir)
+
+    def losses(self, history: tf.keras.callbacks.History) -> list[float]:
+        """Per-period train losses of the whole run: those before the resume point, then
+        this run's."""
+        before = [float(p["loss"]) for p in self.periods_before()]
+        return before + [float(x) for x in history.history.get("loss", [])]
+
+
+class _RunState(tf.keras.callbacks.Callback):
+    """The last callback of a resumable run: restores the other callbacks' state at the
+    start of a resumed run (after they reset it) and, at the end of each period, saves it
+    and backs the period up."""
+
+    def __init__(self, resume: Resume, validation: Sequence[tf.keras.callbacks.Callback],
+                 checkpoint: tf.keras.callbacks.ModelCheckpoint,
+                 checkpoint_monitor: str | None) -> None:
+        super().__init__()
+        self.resume = resume
+        self.validator = next((c for c in validation if isinstance(c, ValidationMetrics)),
+                              None)
+        self.early_stopping = next(
+            (c for c in validation if isinstance(c, tf.keras.callbacks.EarlyStopping)), None)
+        self.checkpoint = checkpoint
+        self.checkpoint_monitor = checkpoint_monitor
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        resume = self.resume
+        if resume.point is None:
+            resume.state["periods"] = []
+            return
+        before = resume.periods_before()
+        resume.state["periods"] = before
+        if not before:
+            return
+        last = before[-1]
+        if self.validator is not None:
+            self.validator.records = [p["validation"] for p in before if "validation" in p]
+        if self.checkpoint_monitor is not None and last.get("checkpoint_best") is not None:
+            self.checkpoint.best = last["checkpoint_best"]
+        stopping = self.early_stopping
+        if stopping is not None and last.get("early_stopping"):
+            state = last["early_stopping"]
+            stopping.wait = state["wait"]
+            stopping.best = state["best"]
+            stopping.best_epoch = state["best_epoch"]
+            if stopping.restore_best_weights:
+                self._restore_best_weights(stopping)
+
+    def _restore_best_weights(self, stopping: tf.keras.callbacks.EarlyStopping) -> None:
+        """EarlyStopping keeps the best weights in memory: load them from the best period's
+        checkpoint, then restore the backup again (the checkpoint holds optimizer slots of
+        that period too)."""
+        path = os.path.join(self.resume.model_dir, CHECKPOINT_DIR,
+                            f"ckpt-{stopping.best_epoch + 1:02d}")
+        if not tf.io.gfile.exists(path + ".index"):
+            return
+        self.model.load_weights(path).expect_partial()
+        stopping.best_weights = self.model.get_weights()
+        self.resume.backup._training_state.restore()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        entry: dict[str, Any] = {"period": epoch + 1,
+                                 "loss": float((logs or {}).get("loss", float("nan")))}
+        if self.validator is not None and self.validator.records:
+            entry["validation"] = self.validator.records[-1]
+        if self.checkpoint_monitor is not None:
+            entry["checkpoint_best"] = float(self.checkpoint.best)
+        stopping = self.early_stopping
+        if stopping is not None:
+            entry["early_stopping"] = {"wait": stopping.wait, "best": float(stopping.best),
+                                       "best_epoch": stopping.best_epoch}
+        self.resume.state["periods"].append(entry)
+        self.resume.write_state()
+        self.resume.backup.back_up_period(epoch)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.resume.remove()
 
 
 @dataclasses.dataclass(frozen=True)

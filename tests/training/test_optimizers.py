@@ -353,3 +353,26 @@ def test_bench_optimizer_parses_and_runs_at_tiny_sizes(tmp_path, capsys):
     assert all(r["ms_per_step"] > 0 and r["adam_over_lazy"] > 0 for r in rows)
     assert rows[2]["MB_touched"] < rows[3]["MB_touched"]
     assert "## optimizer" in capsys.readouterr().out
+
+
+def test_model_weight_checkpoints_hold_both_optimizers_and_savedmodels_neither(tmp_path):
+    model = _trained(steps=3)
+    path = str(tmp_path / "ckpt")
+    model.save_weights(path)
+    names = [name for name, _ in tf.train.list_variables(path)]
+    assert any(n.startswith("embedding_optimizer/") for n in names)
+    assert any(n.startswith("optimizer/") for n in names)
+    # Restoring into a fresh model brings back LazyAdam's moments and step, not only AdamW's.
+    fresh = TinyTwoOptimizerModel()
+    fresh.compile_with_learning_rates(0.1, 0.01)
+    fresh.build_for({"ids": tf.constant(IDS)})
+    fresh.load_weights(path)
+    assert int(fresh.embedding_optimizer.iterations) == 3
+    for mine, theirs in zip(_slots(model.embedding_optimizer),
+                            _slots(fresh.embedding_optimizer), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    export = str(tmp_path / "export")
+    tf.saved_model.save(model, export)
+    exported = [n for n, _ in tf.train.list_variables(os.path.join(export, "variables",
+                                                                   "variables"))]
+    assert exported and not [n for n in exported if "optimizer" in n]

@@ -1,5 +1,6 @@
-"""The ranking schedule: the validation split of train (by impression or by user), validation periods,
-early stopping on validation GAUC with the best weights restored, metrics.json, and the
+"""The ranking schedule: the validation split of train (by impression or by user),
+validation periods, early stopping on validation GAUC with the best weights restored,
+metrics.json, and the
 fixed-epoch schedule of ``train.validation_share=0``."""
 
 from __future__ import annotations
