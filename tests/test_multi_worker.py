@@ -25,21 +25,28 @@ def _free_ports(n):
     return ports
 
 
+def _start_workers(cluster: dict, model_dir: str, data_dir: str, assignments: list[str],
+                   experiment: str = "din") -> list[subprocess.Popen]:
+    """One ``python -m muse_tf.train --strategy multi_worker`` process per worker."""
+    procs = []
+    for index in range(len(cluster["worker"])):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            CUDA_VISIBLE_DEVICES="")
+        cmd = [sys.executable, "-m", "muse_tf.train", "--experiment", experiment,
+               "--data", data_dir, "--model-dir", model_dir, "--strategy", "multi_worker",
+               *[f"--set={a}" for a in assignments]]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
 @pytest.mark.slow
 def test_two_workers_on_localhost_train_and_the_chief_writes_metrics(tiny_data_dir, tmp_path):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     model_dir = str(tmp_path / "run")
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, TF_CONFIG=json.dumps(
-            {"cluster": cluster, "task": {"type": "worker", "index": index}}),
-            CUDA_VISIBLE_DEVICES="")
-        cmd = [sys.executable, "-m", "muse_tf.train", "--experiment", "muse",
-               "--data", tiny_data_dir, "--model-dir", model_dir, "--strategy", "multi_worker",
-               *[f"--set={a}" for a in SHRINK]]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+    procs = _start_workers(cluster, model_dir, tiny_data_dir, SHRINK, experiment="muse")
     outputs = []
     for proc in procs:
         try:
@@ -62,21 +69,6 @@ def test_two_workers_on_localhost_train_and_the_chief_writes_metrics(tiny_data_d
     assert losses and metrics["train_loss"][-1] == pytest.approx(losses[-1], abs=1e-4)
     # Only the chief (worker 0) writes into the model directory proper.
     assert os.path.exists(os.path.join(model_dir, "checkpoints"))
-
-
-def _start_workers(cluster: dict, model_dir: str, data_dir: str,
-                   assignments: list[str]) -> list[subprocess.Popen]:
-    procs = []
-    for index in range(len(cluster["worker"])):
-        env = dict(os.environ, TF_CONFIG=json.dumps(
-            {"cluster": cluster, "task": {"type": "worker", "index": index}}),
-            CUDA_VISIBLE_DEVICES="")
-        cmd = [sys.executable, "-m", "muse_tf.train", "--experiment", "din",
-               "--data", data_dir, "--model-dir", model_dir, "--strategy", "multi_worker",
-               *[f"--set={a}" for a in assignments]]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    return procs
 
 
 @pytest.mark.slow

@@ -65,15 +65,23 @@ def test_served_scores_equal_in_process_predictions(served):
             np.testing.assert_allclose(scores, singles, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_too_long_history_and_too_many_candidates_are_invalid_arguments(served):
-    _, config, handle, info = served
+def _one_candidate_request(served) -> tuple[dict[str, np.ndarray], tuple]:
+    """A valid ranking request (the first warm-up user with one candidate) and what it was
+    built from: ``(user, items, categories, candidate)``."""
+    _, config, _, info = served
     examples = export.warmup_batch(DataDir.open(config.data.data_dir), info["max_seq_len"])
     user, items, categories = _user(examples, 0)
     candidate = {f.name: int(examples[f.name][0]) for f in schema.ITEM_SIDE_FEATURES}
-    good = requests.ranking_request(user, items, categories, [candidate],
-                                    max_seq_len=info["max_seq_len"],
-                                    max_candidates=info["max_candidates"])
+    request = requests.ranking_request(user, items, categories, [candidate],
+                                       max_seq_len=info["max_seq_len"],
+                                       max_candidates=info["max_candidates"])
+    return request, (user, items, categories, candidate)
+
+
+@pytest.mark.slow
+def test_too_long_history_and_too_many_candidates_are_invalid_arguments(served):
+    _, _, handle, info = served
+    good, (user, items, categories, candidate) = _one_candidate_request(served)
     with PredictionClient(handle.address) as client:
         # The builder and the client refuse these themselves; raw requests show what the
         # server does.
@@ -129,13 +137,8 @@ def test_lengths_and_batch_sizes_the_tensors_contradict_are_invalid_arguments(se
     # Sent without the signature (as any TF Serving client may), so the client's own checks
     # do not run: the export's signature rejects them, in the server's v1 session as in TF
     # Serving.
-    _, config, handle, info = served
-    examples = export.warmup_batch(DataDir.open(config.data.data_dir), info["max_seq_len"])
-    user, items, categories = _user(examples, 0)
-    candidate = {f.name: int(examples[f.name][0]) for f in schema.ITEM_SIDE_FEATURES}
-    good = requests.ranking_request(user, items, categories, [candidate],
-                                    max_seq_len=info["max_seq_len"],
-                                    max_candidates=info["max_candidates"])
+    _, _, handle, info = served
+    good, _ = _one_candidate_request(served)
     length, count = schema.HISTORY_LENGTH, schema.NUM_CANDIDATES
     cases = {
         "negative hist_len": ({length: np.array([-5], np.int32)}, [f"input {length}", "-5"]),

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -45,6 +46,21 @@ class _Crash(tf.keras.callbacks.Callback):
             raise RuntimeError("simulated crash")
 
 
+def _crash_once(monkeypatch: pytest.MonkeyPatch, crash: _Crash,
+                run: Callable[[], object]) -> None:
+    """``run()`` with ``crash`` as the last ``fit`` callback; it must die of it."""
+    fit_callbacks = runs.fit_callbacks
+
+    def crashing(*args, **kwargs):
+        throughput, callbacks = fit_callbacks(*args, **kwargs)
+        return throughput, [*callbacks, crash]
+
+    monkeypatch.setattr(runs, "fit_callbacks", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run()
+    monkeypatch.setattr(runs, "fit_callbacks", fit_callbacks)
+
+
 @pytest.fixture(scope="module")
 def resume_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return _write_data_dir(str(tmp_path_factory.mktemp("resume_data")))
@@ -66,17 +82,8 @@ def test_a_crashed_run_resumes_mid_period_and_matches_an_uninterrupted_one(
     assert not os.path.exists(os.path.join(str(tmp_path / "whole"), runs.BACKUP_DIR))
 
     model_dir = str(tmp_path / "crashed")
-    fit_callbacks = runs.fit_callbacks
-
-    def crashing(*args, **kwargs):
-        throughput, callbacks = fit_callbacks(*args, **kwargs)
-        return throughput, [*callbacks, _Crash(epoch=2, step=10)]
-
-    monkeypatch.setattr(runs, "fit_callbacks", crashing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_ranking(config_lib.resolve("din", assignments=assignments), model_dir,
-                    resume_data_dir)
-    monkeypatch.setattr(runs, "fit_callbacks", fit_callbacks)
+    _crash_once(monkeypatch, _Crash(epoch=2, step=10), lambda: run_ranking(
+        config_lib.resolve("din", assignments=assignments), model_dir, resume_data_dir))
     with open(os.path.join(model_dir, runs.BACKUP_DIR, runs.STATE_FILE)) as f:
         assert [p["period"] for p in json.load(f)["periods"]] == [1, 2]
 
@@ -161,17 +168,8 @@ def test_a_crashed_retrieval_run_resumes(task, tiny_data_dir, tmp_path, monkeypa
     whole = retrieval.run_retrieval(config_lib.resolve(task, assignments=assignments),
                                     str(tmp_path / "whole"), tiny_data_dir)
     model_dir = str(tmp_path / "crashed")
-    fit_callbacks = runs.fit_callbacks
-
-    def crashing(*args, **kwargs):
-        throughput, callbacks = fit_callbacks(*args, **kwargs)
-        return throughput, [*callbacks, _Crash(epoch=1, step=0)]
-
-    monkeypatch.setattr(runs, "fit_callbacks", crashing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        retrieval.run_retrieval(config_lib.resolve(task, assignments=assignments), model_dir,
-                                tiny_data_dir)
-    monkeypatch.setattr(runs, "fit_callbacks", fit_callbacks)
+    _crash_once(monkeypatch, _Crash(epoch=1, step=0), lambda: retrieval.run_retrieval(
+        config_lib.resolve(task, assignments=assignments), model_dir, tiny_data_dir))
     with open(os.path.join(model_dir, runs.BACKUP_DIR, runs.STATE_FILE)) as f:
         before = [p["loss"] for p in json.load(f)["periods"]]
     assert len(before) == 1
