@@ -191,8 +191,11 @@ class FrozenMultimodalTable(tf.keras.layers.Layer):
         if not self.quantised:
             return stored
         codes = tf.bitcast(stored, tf.int8)                  # [..., words, 4]
-        codes = tf.reshape(codes, tf.concat([tf.shape(stored)[:-1], [-1]], axis=0))
-        return codes[..., :self.dim]
+        width = self._stored_width * _CODES_PER_WORD
+        codes = tf.reshape(codes, tf.concat([tf.shape(stored)[:-1], [width]], axis=0))
+        codes = codes[..., :self.dim]
+        codes.set_shape(stored.shape[:-1].concatenate([self.dim]))  # keep the static shape
+        return codes
 
     def stored_values(self) -> np.ndarray:
         """The table as stored: int8 codes ``[num_rows, dim]`` (unpacked) or float vectors."""
