@@ -92,9 +92,14 @@ class ValidationSplit:
             raise ValueError(f"part={self.part!r} is not one of {USER_SPLIT_PARTS}")
 
     @property
+    def held_buckets(self) -> int:
+        """Hash buckets held out: ``round(share * 10000)``."""
+        return round(self.share * USER_SPLIT_BUCKETS)
+
+    @property
     def bucket_share(self) -> float:
-        """The share actually held out: whole hash buckets, ``round(share * 10000) / 10000``."""
-        return round(self.share * USER_SPLIT_BUCKETS) / USER_SPLIT_BUCKETS
+        """The share actually held out: whole hash buckets, ``held_buckets / 10000``."""
+        return self.held_buckets / USER_SPLIT_BUCKETS
 
     def with_part(self, part: str) -> ValidationSplit:
         """The same split, keeping ``part``."""
@@ -112,7 +117,7 @@ class ValidationSplit:
             parts.append(tf.strings.as_string(tf.cast(item_ids, tf.int64)))
         buckets = tf.strings.to_hash_bucket_fast(tf.strings.join(parts, separator=":"),
                                                  USER_SPLIT_BUCKETS)
-        return buckets < round(self.share * USER_SPLIT_BUCKETS)
+        return buckets < self.held_buckets
 
     def keeps(self, user_ids: tf.Tensor, item_ids: tf.Tensor | None = None) -> tf.Tensor:
         """bool: True for the records of :attr:`part`."""

@@ -142,10 +142,8 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
     throughput, callbacks = runs.fit_callbacks(
         out_dir, batch, validation, checkpoint_monitor="val_gauc" if validation else None,
         resume=resume)
-    if resume is not None and resume.point is not None and config.train.verbose:
-        print(f"[{config.name}] resuming from {resume.backup_dir}: period "
-              f"{resume.point.epoch + 1}, step {resume.point.step} "
-              f"({resume.point.steps_done} steps done)", flush=True)
+    if resume is not None and config.train.verbose:
+        resume.announce(config.name)
     start = time.perf_counter()
     with reader.naming_unreadable_shards(data, "train"):
         history = model.fit(train_ds, epochs=schedule.periods,

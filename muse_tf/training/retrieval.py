@@ -148,9 +148,8 @@ class _Run:
         out_dir = work_dir(self.model_dir, self.chief)
         throughput, callbacks = runs.fit_callbacks(out_dir, config.data.batch_size,
                                                    resume=resume)
-        if point is not None and config.train.verbose:
-            print(f"[{config.name}] resuming from {resume.backup_dir}: epoch "
-                  f"{point.epoch + 1}, step {point.step}", flush=True)
+        if resume is not None and config.train.verbose:
+            resume.announce(config.name)
         start = time.perf_counter()
         losses: list[float] = []
         if config.train.epochs > 0:  # 0: evaluate the untrained model (fit rejects 0)

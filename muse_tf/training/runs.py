@@ -247,6 +247,13 @@ class Resume:
             return ResumePoint(epoch + 1, 0, self.period_steps)
         return ResumePoint(epoch, batch + 1, self.period_steps)
 
+    def announce(self, name: str) -> None:
+        """Say where a resumed run continues (nothing when it starts afresh)."""
+        if self.point is not None:
+            print(f"[{name}] resuming from {self.backup_dir}: Keras epoch "
+                  f"{self.point.epoch + 1}, step {self.point.step} "
+                  f"({self.point.steps_done} steps done)", flush=True)
+
     def periods_before(self) -> list[dict[str, Any]]:
         """The state entries of the periods completed before the resume point."""
         done = 0 if self.point is None else self.point.epoch
