@@ -605,7 +605,7 @@ def _user_block(world: _World, user_ids: np.ndarray, rng: np.random.Generator, *
     return tables
 
 
-class _ShardedWriter:
+class ShardedWriter:
     """Writes one table as ``<stem>-NNNNN.parquet`` shards of at most ``shard_rows`` rows;
     a table that fits one shard ends up as ``<stem>.parquet``."""
 
@@ -675,7 +675,7 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     return int(value)
 
 
-def _existing_outputs(out_dir: str) -> list[str]:
+def existing_outputs(out_dir: str) -> list[str]:
     found = [p for stem in TABLES for p in glob.glob(table_pattern(out_dir, stem))]
     found += glob.glob(os.path.join(out_dir, PLANTED_DIR, "*.parquet"))
     if os.path.exists(os.path.join(out_dir, GENERATOR_FILE)):
@@ -737,7 +737,7 @@ def generate(
     categories = cfg.categories or clusters
 
     os.makedirs(out_dir, exist_ok=True)
-    existing = _existing_outputs(out_dir)
+    existing = existing_outputs(out_dir)
     if existing and not overwrite:
         raise FileExistsError(f"{out_dir!r} already holds generator output ({existing[0]!r}, "
                               f"...); pass overwrite=True / --overwrite to replace it")
@@ -750,11 +750,11 @@ def generate(
                               items, clusters, categories, cfg)
     user_ids = _random_ids(np.random.default_rng(np.random.SeedSequence([seed, 1])), users)
 
-    writers = {stem: _ShardedWriter(out_dir, stem, table_schema(stem), shard_rows)
+    writers = {stem: ShardedWriter(out_dir, stem, table_schema(stem), shard_rows)
                for stem in TABLES}
-    writers[PLANTED_USERS] = _ShardedWriter(planted_dir, PLANTED_USERS, PLANTED_USERS_SCHEMA,
+    writers[PLANTED_USERS] = ShardedWriter(planted_dir, PLANTED_USERS, PLANTED_USERS_SCHEMA,
                                             shard_rows)
-    writers[PLANTED_ITEMS] = _ShardedWriter(planted_dir, PLANTED_ITEMS, PLANTED_ITEMS_SCHEMA,
+    writers[PLANTED_ITEMS] = ShardedWriter(planted_dir, PLANTED_ITEMS, PLANTED_ITEMS_SCHEMA,
                                             shard_rows)
     stats = _Stats()
     for block, lo in enumerate(range(0, users, USER_BLOCK)):
