@@ -155,13 +155,7 @@ def load_vocabulary(
         known = schema.vocabularies()
         hint = "" if vocabulary in known else f" (schema vocabularies: {sorted(known)})"
         raise FileNotFoundError(f"no vocabulary file {path!r} for {vocabulary!r}{hint}")
-    try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            data = f.read()
-    except (tf.errors.OpError, OSError) as err:
-        message = err.message if isinstance(err, tf.errors.OpError) else str(err)
-        raise OSError(f"could not read vocabulary file {path!r}: {message}") from err
-    ids, counts = _parse_vocabulary(data, path)
+    ids, counts = read_vocabulary_file(path)
     repeated = _first_repeated(ids)
     if repeated is not None:
         lines = (np.flatnonzero(ids == repeated) + 1).tolist()
@@ -173,7 +167,35 @@ def load_vocabulary(
     return ids, counts
 
 
-def _parse_vocabulary(data: bytes, path: str) -> tuple[np.ndarray, np.ndarray]:
+def read_vocabulary_file(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, counts)`` of any ``"<id>\\t<count>"`` vocabulary file, in line order (Arrow's
+    C++ CSV reader: about a second for ten million lines).
+
+    Raises:
+      OSError: naming the file when it is missing or cannot be read.
+      ValueError: naming the file and the first malformed line.
+    """
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = f.read()
+    except (tf.errors.OpError, OSError) as err:
+        message = err.message if isinstance(err, tf.errors.OpError) else str(err)
+        raise OSError(f"could not read vocabulary file {path!r}: {message}") from err
+    return parse_vocabulary(data, path)
+
+
+def write_vocabulary_file(path: str, ids: np.ndarray, counts: np.ndarray) -> None:
+    """Writes ``"<id>\\t<count>"`` lines (Arrow's CSV writer: no Python loop over lines)."""
+    table = pa.table({"id": pa.array(np.asarray(ids, np.int64)),
+                      "count": pa.array(np.asarray(counts, np.int64))})
+    sink = pa.BufferOutputStream()
+    csv.write_csv(table, sink, write_options=csv.WriteOptions(
+        include_header=False, delimiter="\t", quoting_style="none"))
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(sink.getvalue().to_pybytes())
+
+
+def parse_vocabulary(data: bytes, path: str) -> tuple[np.ndarray, np.ndarray]:
     """Parse TSV bytes into (ids, counts); names ``path`` and the line when malformed."""
     if not data or data.isspace():
         return np.zeros([0], np.int64), np.zeros([0], np.int64)

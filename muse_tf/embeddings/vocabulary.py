@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from muse_tf import schema
+from muse_tf.data.artifacts import read_vocabulary_file, write_vocabulary_file
 from muse_tf.data.data_dir import DataDir
 from muse_tf.embeddings.arrays import normalise_rows, sorted_positions
 from muse_tf.embeddings.id_lookup import NUM_RESERVED_ROWS
@@ -38,11 +38,6 @@ class Vocabulary:
     def of(cls, value: Vocabulary | Mapping[str, Any]) -> Vocabulary:
         """``value`` as a Vocabulary (its dict form comes from a model's ``get_config``)."""
         return value if isinstance(value, cls) else cls(**dict(value))
-
-
-def _write(path: str, ids: np.ndarray, counts: np.ndarray) -> None:
-    with open(path, "w") as f:
-        f.writelines(f"{i}\t{c}\n" for i, c in zip(ids.tolist(), counts.tolist(), strict=True))
 
 
 def build_vocabularies(data_dir: str | DataDir, out_dir: str, min_count: int = 1,
@@ -67,7 +62,7 @@ def build_vocabularies(data_dir: str | DataDir, out_dir: str, min_count: int = 1
             ids = np.concatenate([ids, extra])
             counts = np.concatenate([counts, np.zeros(len(extra), np.int64)])
         path = os.path.join(out_dir, f"{name}.tsv")
-        _write(path, ids, counts)
+        write_vocabulary_file(path, ids, counts)
         out[name] = Vocabulary(name, path, len(ids), num_embedded)
     return out
 
@@ -82,12 +77,9 @@ def read_vocabulary_ids(vocabulary: Vocabulary) -> np.ndarray:
     """
     path = vocabulary.path
     try:
-        with warnings.catch_warnings():  # an empty file: counted below, not warned about
-            warnings.simplefilter("ignore", UserWarning)
-            ids = np.loadtxt(path, dtype=np.int64, delimiter="\t", usecols=0, ndmin=1)
+        ids, _ = read_vocabulary_file(path)
     except OSError as err:
-        raise OSError(f"could not read vocabulary file {path!r} of {vocabulary.name!r}: "
-                      f"{err}") from err
+        raise OSError(f"{err} (vocabulary {vocabulary.name!r})") from err
     except ValueError as err:
         raise ValueError(f"malformed vocabulary file {path!r} of {vocabulary.name!r}: "
                          f"{err}") from err

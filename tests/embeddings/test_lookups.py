@@ -116,3 +116,69 @@ def test_similarity_equals_gather_then_dot(chunk_bytes, with_candidates, storage
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="similarity takes queries"):
         layer.similarity(tf.zeros([3]), tf.constant(rows))
+
+
+@pytest.mark.parametrize("table", ["file", "dense"])
+def test_both_table_kinds_give_the_same_rows(tmp_path, table):
+    path = str(tmp_path / "v.tsv")
+    _write_vocab(path, [(-5, 9), (BIG, 4), (SMALL + 1, 2), (77, 1)])
+    lookup = IdLookup(path, vocab_size=3, num_embedded=2, table=table)
+    assert lookup.table_kind == table
+    ids = tf.constant([[-5, BIG, SMALL + 1, 77, 0, 12345]], tf.int64)
+    # vocab_size=3: the fourth line (77) is not read.
+    np.testing.assert_array_equal(lookup.lookup_all(ids).numpy(), [[2, 3, 4, 1, 0, 1]])
+    np.testing.assert_array_equal(lookup(ids).numpy(), [[2, 3, 1, 1, 0, 1]])
+    assert IdLookup.from_config(lookup.get_config()).table_kind == table
+
+
+def test_auto_table_is_dense_for_long_vocabularies(tmp_path, monkeypatch):
+    from muse_tf.embeddings import id_lookup
+
+    path = str(tmp_path / "v.tsv")
+    _write_vocab(path, [(i, 1) for i in range(1, 6)])
+    assert IdLookup(path, 5).table_kind == "file"
+    monkeypatch.setattr(id_lookup, "DENSE_TABLE_MIN_ROWS", 5)
+    assert IdLookup(path, 5).table_kind == "dense"
+    assert IdLookup(path, 4).table_kind == "file"
+
+
+def test_dense_table_refuses_its_reserved_keys(tmp_path):
+    from muse_tf.embeddings.id_lookup import DENSE_DELETED_KEY
+
+    path = str(tmp_path / "v.tsv")
+    _write_vocab(path, [(3, 1), (DENSE_DELETED_KEY, 1)])
+    with pytest.raises(ValueError, match=rf"holds id {DENSE_DELETED_KEY} \(line 2\)"):
+        IdLookup(path, 2, table="dense")
+    assert IdLookup(path, 2, table="file").lookup_all(
+        tf.constant([DENSE_DELETED_KEY], tf.int64)).numpy().tolist() == [3]
+
+
+def test_dense_table_is_restored_from_a_checkpoint_and_a_saved_model(tmp_path):
+    path = str(tmp_path / "v.tsv")
+    ids = np.random.default_rng(0).choice(10**12, 3000, replace=False) + 1
+    _write_vocab(path, [(i, 1) for i in ids.tolist()])
+    lookup = IdLookup(path, len(ids), table="dense")
+    query = tf.constant(np.concatenate([ids[::7], [0, -1]]), tf.int64)
+    expected = lookup.lookup_all(query).numpy()
+    np.testing.assert_array_equal(expected[:-2], 2 + np.arange(0, len(ids), 7))
+    checkpoint = tf.train.Checkpoint(lookup=lookup).save(str(tmp_path / "ckpt" / "c"))
+
+    class Model(tf.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)])
+        def rows(self, x):
+            return self.layer.lookup_all(x)
+
+    tf.saved_model.save(Model(lookup), str(tmp_path / "saved"))
+    # Another vocabulary file under the same name: what is restored must win.
+    _write_vocab(path, [(i, 1) for i in ids[::-1].tolist()])
+    other = IdLookup(path, len(ids), table="dense")
+    assert not np.array_equal(other.lookup_all(query).numpy(), expected)
+    tf.train.Checkpoint(lookup=other).restore(checkpoint).assert_consumed()
+    np.testing.assert_array_equal(other.lookup_all(query).numpy(), expected)
+    os.remove(path)  # the SavedModel needs no vocabulary file
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))
+    np.testing.assert_array_equal(loaded.rows(query).numpy(), expected)
