@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m muse_tf.bench data|train|gsu|mm_table|serving|scann|optimizer|all``.
+"""Benchmarks: ``python -m muse_tf.bench WHAT``, WHAT one of the sections below or ``all``.
 
 Every figure is measured in the same run as the figure it is compared with (medians over
 repeats; ratios printed beside them), because the machines here are shared and noisy.
@@ -25,6 +25,10 @@ repeats; ratios printed beside them), because the machines here are shared and n
   16-d table updated from a ``--batch-size`` x ``--ids-per-example`` (256 x 1,051) id batch,
   at ``--rows`` (10K and 10M) vocabulary rows: ms/step (median of ``--optimizer-steps``), the
   ratio and the bytes each touches per step.
+* ``scale``: the whole path (generate, Beam, model build, train steps, test evaluation, export,
+  server load, first answer, index tree) at ``--items`` catalogue items (TAOBAO-MM: 35.4M),
+  ``--users`` users and ``--samples`` samples, every stage in its own process with its wall
+  seconds and peak RSS beside the issue's limits (:mod:`muse_tf.bench_scale`; not in ``all``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from muse_tf import schema
+from muse_tf.profiling import reset_peak_rss, rss_bytes
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -221,25 +226,6 @@ def bench_gsu(lengths: Sequence[int], dim: int = schema.MM_EMBEDDING_DIM, top_k:
 
 
 # ----------------------------------------------------------------------------- mm_table
-def _rss_bytes(field: str = "VmRSS") -> int:
-    """This process's resident set (``VmRSS``) or its peak since the last reset (``VmHWM``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Start a new ``VmHWM`` peak (Linux: ``5`` into ``/proc/self/clear_refs``)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError as e:
-        raise RuntimeError(f"the mm_table benchmark needs Linux's /proc/self/clear_refs to "
-                           f"measure a peak RSS: {e}") from e
-
-
 def bench_mm_table(rows: int, dim: int = schema.MM_EMBEDDING_DIM, storage: str = "int8",
                    seed: int = 0) -> dict[str, Any]:
     """Peak RSS of the model build's multimodal-table step over ``rows`` catalogue items.
@@ -264,14 +250,16 @@ def bench_mm_table(rows: int, dim: int = schema.MM_EMBEDDING_DIM, storage: str =
     vocab_ids = np.concatenate([mm_ids[rng.permutation(rows)],
                                 np.arange(rows // 100, dtype=np.int64) * 3 + 2])
     gc.collect()
-    before = _rss_bytes()
-    _reset_peak_rss()
+    before = rss_bytes()
+    if not reset_peak_rss():
+        raise RuntimeError("the mm_table benchmark needs Linux's /proc/self/clear_refs to "
+                           "measure a peak RSS")
     start = time.perf_counter()
     table = FrozenMultimodalTable(len(vocab_ids) + 2, dim, storage_dtype=storage,
                                   initial_table=multimodal_codes(vocab_ids, mm_ids, codes))
     build_s = time.perf_counter() - start
     gc.collect()
-    peak, after = _rss_bytes("VmHWM") - before, _rss_bytes() - before
+    peak, after = rss_bytes("VmHWM") - before, rss_bytes() - before
     int8_bytes = rows * dim
     weight_bytes = sum(int(np.prod(w.shape)) * w.dtype.size for w in table.weights)
     row = {"rows": rows, "storage": storage, "int8_table_MB": int8_bytes / 1e6,
@@ -415,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m muse_tf.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["data", "train", "gsu", "mm_table", "serving",
-                                         "scann", "optimizer", "all"])
+                                         "scann", "optimizer", "scale", "all"])
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--seq-len", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
@@ -437,6 +425,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--optimizer-steps", type=int, default=7,
                         help="`optimizer`: timed steps (after 2 warm-up steps) per optimizer")
     parser.add_argument("--work-dir", help="scratch directory (default: a temporary one)")
+    parser.add_argument("--items", type=int, default=35_400_000,
+                        help="`scale`: catalogue items")
+    parser.add_argument("--users", type=int, default=20_000, help="`scale`: users")
+    parser.add_argument("--raw", help="`scale`: TAOBAO-MM tables already generated (skip "
+                                      "the generate stage by leaving it out of --stages)")
+    parser.add_argument("--stages", default="generate,beam,train,serve,tree",
+                        help="`scale`: stages to run, in order")
+    parser.add_argument("--train-steps", type=int, default=50,
+                        help="`scale`: training steps of the train stage")
     parser.add_argument("--json", help="also write all figures to this JSON file")
     args = parser.parse_args(argv)
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="muse_tf_bench_")
@@ -468,6 +465,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["optimizer"] = bench_optimizer([int(x) for x in optimizer_rows if x],
                                                args.optimizer_steps, args.batch_size,
                                                args.ids_per_example)
+    if args.what == "scale":
+        from muse_tf.bench_scale import bench_scale
+
+        results["scale"] = bench_scale(args.items, args.users, args.samples, args.seq_len,
+                                       work_dir, raw_dir=args.raw,
+                                       stages=[s for s in args.stages.split(",") if s],
+                                       train_steps=args.train_steps)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=float)

@@ -1,0 +1,204 @@
+"""``python -m muse_tf.bench scale``: the whole path at TAOBAO-MM's catalogue size.
+
+Every stage runs as its own process (so each has its own peak memory, and a stage that is
+killed for memory says which), one after the other, on data it streams to disk::
+
+    python -m muse_tf.bench scale --items 35400000 --users 20000 --samples 100000 \\
+        [--seq-len 1000] [--work-dir DIR] [--raw DIR] [--stages generate,beam,train,serve,tree]
+
+Stages and what bounds them on a 2-core, 24 GB machine (the issue's limits):
+
+* ``generate``: :mod:`muse_tf.data.scale_data` writes the six TAOBAO-MM tables;
+* ``beam``: ``python -m beam.build_dataset`` on two local worker processes (<= 30 min,
+  <= 16 GB for the whole process tree);
+* ``train``: ``python -m muse_tf.train --experiment muse`` with ``--train-steps`` steps:
+  its model build, training, test evaluation and export, each with its own wall seconds and
+  peak RSS (``metrics.json`` ``stages``; the process within 24 GB);
+* ``serve``: the local TF Serving API server loads the export and replays its warm-up
+  (load seconds and RSS), then the first answer and the median of 20 answers (C = 100
+  candidates, L = ``--seq-len``);
+* ``tree``: the MISS index tree over the catalogue's int8 codes (<= 30 min, <= 12 GB).
+
+Peak memory of a stage is the summed RSS of its process tree, sampled every 0.5 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from muse_tf.profiling import TreeRssSampler
+
+STAGES = ("generate", "beam", "train", "serve", "tree")
+#: (wall seconds, peak GB) the issue sets per stage; None where it sets none.
+LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "generate": (None, None), "beam": (1800.0, 16.0), "train": (None, 24.0),
+    "serve": (None, 24.0), "tree": (1800.0, 12.0)}
+_GB = 1e9
+
+
+def _run(name: str, command: Sequence[str], log_path: str,
+         env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Runs ``command`` with its output in ``log_path``; wall seconds, peak tree RSS, status."""
+    print(f"[scale] {name}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+        sampler = TreeRssSampler(proc.pid)
+        returncode = proc.wait()
+    peak = sampler.stop()
+    row = {"stage": name, "seconds": time.perf_counter() - start, "peak_rss_GB": peak / _GB,
+           "returncode": returncode, "log": log_path}
+    if returncode != 0:
+        with open(log_path) as f:
+            row["log_tail"] = f.read()[-3000:]
+    return row
+
+
+def _limits(row: dict[str, Any], stage: str) -> dict[str, Any]:
+    seconds, gigabytes = LIMITS.get(stage, (None, None))
+    ok = row.get("returncode", 0) == 0
+    if seconds is not None:
+        ok = ok and row["seconds"] <= seconds
+    if gigabytes is not None:
+        ok = ok and row["peak_rss_GB"] <= gigabytes
+    return {**row, "limit_s": seconds, "limit_GB": gigabytes, "within_limits": ok}
+
+
+def _serve(export_base: str, data_dir: str, seq_len: int, log_path: str) -> list[dict[str, Any]]:
+    """Starts the local server on the export; load time, RSS, first and median answer."""
+    import socket
+
+    from muse_tf.bench import _ranking_request
+    from muse_tf.data.data_dir import DataDir
+    from muse_tf.export import ranking as export
+    from muse_tf.export.names import RANKING_MODEL_NAME
+    from serving import client as client_lib
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "serving.server", "--model_name", RANKING_MODEL_NAME,
+               "--model_base_path", export_base, "--port", str(port), "--host", "127.0.0.1"]
+    print(f"[scale] serve: {' '.join(command)}", flush=True)
+    examples = export.warmup_batch(DataDir.open(data_dir), seq_len)
+    inputs = _ranking_request(examples, seq_len, 100)
+    start = time.perf_counter()
+    log = open(log_path, "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    sampler = TreeRssSampler(proc.pid)
+    rows: list[dict[str, Any]] = []
+    try:
+        with client_lib.PredictionClient(f"127.0.0.1:{port}", timeout=600) as client:
+            first = None
+            while first is None:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with {proc.returncode}; see "
+                                       f"{log_path}")
+                try:
+                    begin = time.perf_counter()
+                    client.predict(RANKING_MODEL_NAME, inputs)
+                    first = time.perf_counter() - begin
+                except Exception:  # not up yet (connection refused / model not loaded)
+                    time.sleep(0.5)
+            loaded = time.perf_counter() - start - first
+            rows.append({"stage": "server load + warm-up", "seconds": loaded,
+                         "peak_rss_GB": sampler.peak_bytes / _GB, "returncode": 0})
+            rows.append({"stage": "first answer", "seconds": first,
+                         "peak_rss_GB": sampler.peak_bytes / _GB, "returncode": 0})
+            latencies = []
+            for _ in range(20):
+                begin = time.perf_counter()
+                client.predict(RANKING_MODEL_NAME, inputs)
+                latencies.append(time.perf_counter() - begin)
+            latencies.sort()
+            rows.append({"stage": "answer (median of 20)", "seconds": latencies[10],
+                         "peak_rss_GB": sampler.stop() / _GB, "returncode": 0})
+    finally:
+        sampler.stop()
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    return rows
+
+
+def bench_scale(items: int, users: int, samples: int, seq_len: int, work_dir: str,
+                raw_dir: str | None = None, stages: Sequence[str] = STAGES,
+                train_steps: int = 50, experiment: str = "muse") -> list[dict[str, Any]]:
+    """Runs the ``stages`` in order; returns one row per stage (and per training part)."""
+    from muse_tf.bench import _print
+
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; known: {list(STAGES)}")
+    os.makedirs(work_dir, exist_ok=True)
+    raw = raw_dir or os.path.join(work_dir, "raw")
+    data = os.path.join(work_dir, "data")
+    model_dir = os.path.join(work_dir, "model")
+    logs = os.path.join(work_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    python = sys.executable
+    rows: list[dict[str, Any]] = []
+
+    def record(row: dict[str, Any], stage: str) -> bool:
+        rows.append(_limits(row, stage))
+        print(f"[scale] {row['stage']}: {row['seconds']:.1f} s, peak {row['peak_rss_GB']:.2f} GB"
+              f"{'' if row.get('returncode', 0) == 0 else ' FAILED, see ' + row['log']}",
+              flush=True)
+        return row.get("returncode", 0) == 0
+
+    if "generate" in stages:
+        ok = record(_run("generate", [python, "-m", "muse_tf.data.scale_data", "--out", raw,
+                                      "--items", str(items), "--users", str(users),
+                                      "--samples", str(samples), "--seq-len", str(seq_len),
+                                      "--overwrite"],
+                         os.path.join(logs, "generate.log")), "generate")
+        if not ok:
+            return rows
+    if "beam" in stages:
+        ok = record(_run("beam", [python, "-m", "beam.build_dataset", "--input", raw,
+                                  "--output", data, "--max-seq-len", str(seq_len),
+                                  "--overwrite", "--direct_num_workers", "2",
+                                  "--direct_running_mode", "multi_processing"],
+                         os.path.join(logs, "beam.log")), "beam")
+        if not ok:
+            return rows
+    if "train" in stages:
+        row = _run("train", [python, "-m", "muse_tf.train", "--experiment", experiment,
+                             "--data", data, "--model-dir", model_dir,
+                             f"--set=train.max_train_steps={train_steps}",
+                             "--set=train.verbose=2"],
+                   os.path.join(logs, "train.log"))
+        ok = record(row, "train")
+        metrics_path = os.path.join(model_dir, "metrics.json")
+        if ok and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                metrics = json.load(f)
+            for part, values in metrics.get("stages", {}).items():
+                rows.append({"stage": f"  train: {part}", "seconds": values["seconds"],
+                             "peak_rss_GB": values["peak_rss_bytes"] / _GB,
+                             "returncode": 0})
+        if not ok:
+            return rows
+    if "serve" in stages:
+        from muse_tf.export.names import ranking_base_path
+
+        for row in _serve(ranking_base_path(model_dir), data, seq_len,
+                          os.path.join(logs, "serve.log")):
+            record(row, "serve")
+    if "tree" in stages:
+        record(_run("tree", [python, "-m", "muse_tf.index.tree_bench", "--data", data],
+                    os.path.join(logs, "tree.log")), "tree")
+    _print(f"scale: {items:,} items, {users:,} users, {samples:,} samples, L = {seq_len} "
+           f"(each stage its own process; peak = summed RSS of its process tree)",
+           [{k: v for k, v in r.items() if k not in ("log", "log_tail")} for r in rows])
+    return rows
