@@ -9,7 +9,7 @@ multimodal table and the history length, passed down a run instead of a path.
     data.split_files("test")                    # sorted shards, checked against metadata.json
     data.check_for_training()                   # train not empty, every listed shard there
     data.vocabulary("item")                     # (ids, counts), read once
-    data.mm_embeddings()                        # (item ids, int8 vectors), read once
+    data.mm_embeddings()                        # (item ids, int8 vectors); kept when small
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import numpy as np
 import tensorflow as tf
 
 from muse_tf.data import artifacts, layout
+
+#: The multimodal table is kept in memory between model builds up to this size (bytes).
+MM_CACHE_BYTES = 512 << 20
 
 
 def split_files(data_dir: str, split: str) -> list[str]:
@@ -154,7 +157,14 @@ class DataDir:
         return self._vocabularies[name]
 
     def mm_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(item_ids int64 [N], vectors int8 [N, D])`` of the multimodal table (read once)."""
-        if self._mm is None:
-            self._mm = artifacts.load_mm_embeddings(self.path)
-        return self._mm
+        """``(item_ids int64 [N], vectors int8 [N, D])`` of the multimodal table.
+
+        Kept for the next call only while the codes take at most :data:`MM_CACHE_BYTES`: a
+        full-size table (4.5 GB for TAOBAO-MM) is read again per model build rather than
+        held beside the model's own copy for the whole run."""
+        if self._mm is not None:
+            return self._mm
+        mm = artifacts.load_mm_embeddings(self.path)
+        if mm[1].nbytes <= MM_CACHE_BYTES:
+            self._mm = mm
+        return mm

@@ -212,3 +212,15 @@ def test_a_truncated_or_malformed_model_vocabulary_is_named(tmp_path):
     os.remove(path)
     with pytest.raises(OSError, match=rf"could not read vocabulary file '{path}'"):
         read_vocabulary_ids(vocabulary)
+
+
+def test_only_a_small_multimodal_table_is_kept_between_model_builds(tiny_data, monkeypatch):
+    from muse_tf.data import data_dir as data_dir_module
+
+    data = DataDir.open(tiny_data.path)
+    assert data.mm_embeddings() is data.mm_embeddings()
+    monkeypatch.setattr(data_dir_module, "MM_CACHE_BYTES", 0)
+    fresh = DataDir.open(tiny_data.path)
+    first, second = fresh.mm_embeddings(), fresh.mm_embeddings()
+    assert first is not second
+    np.testing.assert_array_equal(first[1], second[1])
