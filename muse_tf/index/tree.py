@@ -1,11 +1,11 @@
 """The MISS multimodal index tree (MISS, arXiv 2508.14515, Sec. 3.2).
 
-The tree is built once, offline, from the frozen multimodal item embeddings (e.g. the
-L2-normalised SCL vectors, ``float [N, D]``) by recursive *balanced* 2-means: every node's
-items are split into two halves of sizes ``ceil(n / 2)`` (left) and ``floor(n / 2)`` (right)
-so that similar items share ancestors. Retrieval then walks it top-down with a layer-wise beam
-search (:mod:`muse_tf.index.beam_search`); TDM-style training uses :meth:`IndexTree.ancestors`
-and :meth:`IndexTree.sample_negatives`.
+The tree is built once, offline, from the frozen multimodal item embeddings (the
+L2-normalised SCL vectors) by recursive *balanced* 2-means: every node's items are split into
+two halves of sizes ``ceil(n / 2)`` (left) and ``floor(n / 2)`` (right) so that similar items
+share ancestors. Retrieval then walks it top-down with a layer-wise beam search
+(:mod:`muse_tf.index.beam_search`); TDM-style training uses :meth:`IndexTree.ancestors` and
+:meth:`IndexTree.sample_negatives`.
 
 Layout (chosen so the beam search needs nothing but index arithmetic):
 
@@ -20,90 +20,556 @@ Layout (chosen so the beam search needs nothing but index arithmetic):
   item, zero vector). So the ``2**L - N`` padding slots all sit at level ``L`` and are the only
   invalid nodes: "leaves one level higher" are represented by a one-child chain instead, and
   the beam search finds every item at the same depth.
-* ``node_vectors[i]`` is the exact mean of the embeddings of the items under node ``i``
-  (accumulated in float64, stored float32); a leaf's vector is its item's embedding.
+* A node's vector is the exact mean of the vectors of the items under it (sums in float64,
+  pairwise up the tree; float32 result); a leaf's vector is its item's vector.
 
-Building is vectorised level by level: all nodes of a level are split at once on one
-permutation of the item array (segment-wise centroids as one sparse 0/1 matrix product, a
-segment-wise sort), never recursing per node in Python.
+Node vector storage (compact, so that TAOBAO-MM's 35.4M items fit in memory). A heap array of
+every node's float32 vector would be ``(2**(L + 1) - 1) D * 4`` bytes (68 GB at depth 26,
+``D = 128``) although most of it repeats the items: the tree keeps
+
+* the means of the nodes at levels ``0 .. K`` (:attr:`IndexTree.stored_depth`), float32
+  ``[2**(K + 1) - 1, D]``, exact (float64 sums rounded once);
+* the item vectors themselves, by reference: the float32 embeddings in leaf order, or the int8
+  codes ``c`` as given (a row index per item) with one float32 inverse norm ``rho = 1 / ||c||``
+  per item, the item's vector being ``float32(c) * rho``;
+
+and computes the vectors of the deeper nodes (levels ``K + 1 .. L``, at most
+``2**(L - K - 1)`` leaf slots each) on demand from their items (:meth:`IndexTree.vectors_of`),
+by the same float64 pairwise sums, so every node vector is the exact mean whatever was stored:
+there is no quantisation error, only float32's rounding of the mean (relative ``2**-24`` per
+coordinate; a cosine against it is off by at most ``~(D + 2) 2**-24``). The build default
+``computed_levels = 5`` (``K = L - 6``) stores ``2**(L - 5) - 1`` rows: 1.07 GB at depth 26 and
+``D = 128`` (vs 68 GB), while a computed node gathers at most 32 item rows.
+:attr:`IndexTree.node_vectors` still returns the whole float32 heap array for trees small
+enough (:data:`MAX_DENSE_NODE_BYTES`).
+
+Building is vectorised (never a Python recursion per node) on one permutation of the items,
+in two regimes chosen by node size (``block_rows``):
+
+* *streamed* levels (the top ones, whose nodes hold more than ``block_rows`` items): each node
+  is split by passes over its items' rows, ``_PASS_ROWS`` rows at a time (gather, int8 ->
+  float32, one BLAS matrix-vector product, two threads), so no float copy of the catalogue
+  ever exists; a pass costs one read of the node's int8 rows;
+* *block* levels: once every node holds at most ``block_rows`` items, runs of whole nodes are
+  gathered once as float32 (``block_rows * D * 4`` bytes, one block per thread) and all their
+  remaining levels are split in memory, laid out ``[nodes, W, D]`` so that every per-node dot
+  product or sum is one broadcast ``einsum``.
+
+Per level: 2 passes for the seeds, then per round one pass (``x . (c_a - c_b)``) and the
+centroid update (streamed: only the rows that changed sides; blocks: one masked sum over the
+nodes still moving), a selection per round and one sort per node at the end.
+
+Memory of :meth:`IndexTree.build_from_codes` for ``N`` items, ``D`` dimensions, depth ``L``,
+beside the int8 input itself (``N D`` bytes, the caller's, kept by reference): 16 bytes per
+item (permutation, squared norms) + ~40 per item of the largest streamed node's temporaries
+(level 0: the whole catalogue) or ``workers * ~5 * block_rows * D * 4`` for the blocks; then
+the tree: ``(2**(L - c) - 1) D * 4`` (stored means, ``c = computed_levels``) + ``2**L * 9``
+(leaf ids, validity) + ``N * 36`` (item ids, leaves, valid leaves, code rows, inverse norms).
+At 35.4M items, D = 128, L = 26, defaults: 1.07 + 0.6 + 1.3 GB for the tree and ~1.5 GB of
+transient state beside the 4.5 GB table (``python -m muse_tf.index.tree_bench``).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import scipy.sparse
 
-from muse_tf.embeddings.arrays import sorted_positions
+from muse_tf.embeddings.arrays import code_inverse_norms, sorted_positions
 
-__all__ = ["IndexTree"]
+__all__ = ["MAX_DENSE_NODE_BYTES", "IndexTree"]
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _ROW_CHUNK = 65536
-_LOOP_SEGMENTS = 32768
+#: Rows per step of a streamed pass: small enough to stay in the L2 cache and for OpenBLAS to
+#: run the matrix-vector product on the calling thread (its own threads fight ours).
+_PASS_ROWS = 2048
+#: Leaf slots reduced at a time when summing node vectors (``2**12 * D * 8`` bytes).
+_SUM_GROUP_LEVELS = 12
+#: Nodes whose vectors one :meth:`IndexTree.vectors_of` step computes.
+_COMPUTE_NODES = 4096
+#: Largest tree whose whole float32 heap array :attr:`IndexTree.node_vectors` builds: 4 GiB.
+MAX_DENSE_NODE_BYTES = 1 << 32
+#: Default number of items per in-memory block of the build.
+DEFAULT_BLOCK_ROWS = 1 << 17
+#: Default number of levels above the leaves whose node vectors are computed, not stored.
+DEFAULT_COMPUTED_LEVELS = 5
+
+#: ``on_stage(name, seconds)``: called by the build after each stage (progress, benchmarks).
+StageCallback = Callable[[str, float], None]
 
 
-def _level_counts(num_items: int, depth: int) -> list[np.ndarray]:
-    """Items per node for every level: ``counts[l]`` is int64 ``[2**l]`` (heap order)."""
-    counts = [np.array([num_items], dtype=np.int64)]
-    for _ in range(depth):
-        parent = counts[-1]
-        counts.append(np.stack([(parent + 1) // 2, parent // 2], axis=1).reshape(-1))
-    return counts
+def _children(count: np.ndarray) -> np.ndarray:
+    """Items per child (heap order) of nodes holding ``count`` items: ceil left, floor right."""
+    return np.stack([(count + 1) // 2, count // 2], axis=1).reshape(-1)
 
 
-def _rowwise_dot(
-    x: np.ndarray, table: np.ndarray, segment: np.ndarray, start: np.ndarray, count: np.ndarray
-) -> np.ndarray:
-    """``out[n] = x[n] . table[segment[n]]`` for contiguous segments ``start``/``count``."""
-    out = np.empty(x.shape[0], dtype=np.float64)
-    if table.shape[0] <= _LOOP_SEGMENTS:
-        # Few large segments: one matrix-vector product each reads x once, with no gather.
-        for s, (begin, size) in enumerate(zip(start.tolist(), count.tolist(), strict=True)):
-            out[begin : begin + size] = np.einsum("nd,d->n", x[begin : begin + size], table[s])
-        return out
-    # Many small segments: gather each row's vector, in row chunks to bound temporary memory.
-    for begin in range(0, x.shape[0], _ROW_CHUNK):
-        end = begin + _ROW_CHUNK
-        out[begin:end] = np.einsum("nd,nd->n", x[begin:end], table[segment[begin:end]])
-    return out
+def _iter_level_counts(num_items: int, last_level: int) -> Iterator[np.ndarray]:
+    """Items per node of levels ``0 .. last_level`` in turn (int32 ``[2**l]``, heap order)."""
+    count = np.array([num_items], dtype=np.int32)
+    for level in range(last_level + 1):
+        yield count
+        if level < last_level:
+            count = _children(count)
 
 
-def _segment_sort(values: np.ndarray, segment: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """Permutation sorting ``values`` descending within each contiguous segment.
+def _leaf_valid(num_items: int, depth: int) -> np.ndarray:
+    """bool ``[2**depth]``: which leaf slots hold an item."""
+    *_, count = _iter_level_counts(num_items, depth)
+    return count > 0
 
-    One ``argsort`` of ``segment + v'`` where ``v'`` in ``[0, 1)`` is ``values`` rescaled
-    descending within its segment: 5-10x faster than ``np.lexsort((-values, segment))``.
-    Values closer than ~1e-9 of their segment's range may come out in either order, which only
-    matters for ties the 2-means split is indifferent to anyway.
-    """
+
+def _starts(count: np.ndarray) -> np.ndarray:
+    """int64 offsets of contiguous segments of sizes ``count``."""
+    ends = np.cumsum(count, dtype=np.int64)
+    return ends - count
+
+
+def _smallest_uint(values: np.ndarray) -> np.ndarray:
+    """``values`` (non-negative) in the narrowest unsigned dtype that holds them."""
+    top = int(values.max()) if values.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return values.astype(dtype)
+    return values.astype(np.uint64)
+
+
+def _sort_keys(values: np.ndarray, segment: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """``segment + v'`` where ``v'`` in ``[0, 1)`` is ``values`` rescaled descending within its
+    contiguous segment: one ``argsort`` of it sorts every segment descending, 5-10x faster than
+    ``np.lexsort((-values, segment))``. Values closer than ~1e-9 of their segment's range may
+    come out in either order, which only matters for ties the 2-means split is indifferent to.
+    ``segment`` holds the segments' level-wide indices (the key depends on them only through
+    float64 rounding, but that keeps a block's order equal to a whole level's)."""
+    if start.shape[0] == 1:  # one segment: the same numbers without per-row gathers
+        high = values.max()
+        return segment + (high - values) / ((high - values.min()) * (1.0 + 1e-6) + 1e-300)
     high = np.maximum.reduceat(values, start)
     spread = high - np.minimum.reduceat(values, start)
+    local = np.repeat(np.arange(start.shape[0]), np.diff(np.append(start, values.shape[0])))
     # The factor keeps v' < 1; the tiny term avoids 0 / 0 for constant segments.
-    scaled = (high[segment] - values) / (spread[segment] * (1.0 + 1e-6) + 1e-300)
-    return np.argsort(segment + scaled)
+    return segment + (high[local] - values) / (spread[local] * (1.0 + 1e-6) + 1e-300)
 
 
-def _segment_argmax(values: np.ndarray, starts: np.ndarray, segment: np.ndarray) -> np.ndarray:
-    """Position of the first maximum of ``values`` in each (non-empty, contiguous) segment."""
-    maxima = np.maximum.reduceat(values, starts)
-    hits = np.flatnonzero(values == maxima[segment])
-    hit_segment = segment[hits]
-    first = np.ones(hits.shape[0], dtype=bool)
-    first[1:] = hit_segment[1:] != hit_segment[:-1]
-    return hits[first]
+class _ItemVectors:
+    """Item vectors by reference: float32 ``table[rows[k]]``, or int8 ``table[rows[k]] *
+    scale[k]`` (``rows`` None: the identity), for items ``k = 0 .. N - 1``."""
+
+    def __init__(
+        self, table: np.ndarray, rows: np.ndarray | None, scale: np.ndarray | None
+    ) -> None:
+        self.table = table
+        self.rows = rows
+        self.scale = scale
+
+    @property
+    def num_items(self) -> int:
+        return int(self.table.shape[0] if self.rows is None else self.rows.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.table.shape[1])
+
+    def raw(self, items: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(float32 [n, D] unscaled rows, float32 [n] scales or None)`` of ``items``."""
+        if self.rows is None:
+            block = self.table[items] if isinstance(items, slice) else np.take(
+                self.table, items, axis=0
+            )
+        else:
+            block = np.take(self.table, self.rows[items], axis=0)
+        scale = None if self.scale is None else self.scale[items]
+        return block.astype(np.float32, copy=False), scale
+
+    def vectors(self, items: np.ndarray | slice) -> np.ndarray:
+        """float32 ``[n, D]`` vectors of ``items``."""
+        block, scale = self.raw(items)
+        if scale is not None:
+            block *= scale[:, None]
+        return block
+
+    def leaf_order(self, order: np.ndarray) -> _ItemVectors:
+        """The same vectors for items ``order[0], order[1], ...``; a float32 table is copied
+        in that order (the tree then owns it), an int8 one stays by reference."""
+        if self.scale is None:
+            return _ItemVectors(self.vectors(order), None, None)
+        rows = order if self.rows is None else self.rows[order]
+        return _ItemVectors(self.table, rows, self.scale[order])
+
+
+class _Workers:
+    """A tiny thread pool (NumPy releases the GIL in the heavy calls): ``map(fn, parts)``."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._pool = ThreadPoolExecutor(count) if count > 1 else None
+
+    def map(self, fn: Callable, parts: Sequence) -> list:
+        if self._pool is None or len(parts) < 2:
+            return [fn(part) for part in parts]
+        return list(self._pool.map(fn, parts))
+
+    def ranges(self, size: int) -> list[tuple[int, int]]:
+        """``size`` rows cut into one contiguous range per worker (multiples of a pass step)."""
+        steps = -(-size // _PASS_ROWS)
+        cuts = [min(size, (steps * w // self.count) * _PASS_ROWS) for w in range(self.count)]
+        cuts.append(size)
+        return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+class _StreamedNode:
+    """Passes over the rows of one large node (items ``rows``, in the current order)."""
+
+    def __init__(self, items: _ItemVectors, rows: np.ndarray, workers: _Workers) -> None:
+        self.items = items
+        self.rows = rows
+        self.workers = workers
+
+    def dot(self, vector: np.ndarray, with_sum: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(x . vector`` float64 ``[n]``, the float64 sum of the rows ``[D]`` (zeros unless
+        ``with_sum``)). Per step: one gather, one cast, one BLAS matrix-vector product."""
+        n = self.rows.shape[0]
+        out = np.empty(n, dtype=np.float64)
+        partial = np.zeros(((n + _PASS_ROWS - 1) // _PASS_ROWS if with_sum else 0,
+                            self.items.dim), np.float64)
+
+        def run(bounds: tuple[int, int]) -> None:
+            for begin in range(bounds[0], bounds[1], _PASS_ROWS):
+                end = min(begin + _PASS_ROWS, bounds[1])
+                block, scale = self.items.raw(self.rows[begin:end])
+                products = block @ vector
+                if scale is not None:
+                    products *= scale
+                out[begin:end] = products
+                if with_sum:
+                    weights = np.ones(end - begin, np.float32) if scale is None else scale
+                    partial[begin // _PASS_ROWS] = weights @ block
+
+        self.workers.map(run, self.workers.ranges(n))
+        return out, partial.sum(axis=0)
+
+    def weighted_sum(self, positions: np.ndarray, signs: np.ndarray) -> np.ndarray:
+        """float64 ``[D]``: ``sum_k signs[k] * x[positions[k]]``."""
+        partial = np.zeros(((positions.shape[0] + _PASS_ROWS - 1) // _PASS_ROWS,
+                            self.items.dim), np.float64)
+
+        def run(bounds: tuple[int, int]) -> None:
+            for begin in range(bounds[0], bounds[1], _PASS_ROWS):
+                end = min(begin + _PASS_ROWS, bounds[1])
+                block, scale = self.items.raw(self.rows[positions[begin:end]])
+                weights = signs[begin:end] if scale is None else signs[begin:end] * scale
+                partial[begin // _PASS_ROWS] = weights @ block
+
+        self.workers.map(run, self.workers.ranges(positions.shape[0]))
+        return partial.sum(axis=0)
+
+    def vector(self, position: int) -> np.ndarray:
+        return self.items.vectors(self.rows[position : position + 1])[0]
+
+
+def _balanced_left(closeness: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Which rows of one node go to its left child, and whether the sides are flipped.
+
+    The ``ceil(n / 2)`` rows of largest ``closeness`` (closest to ``c_a``) go left, unless
+    ``n`` is odd and the middle row is closer to ``c_b`` (``closeness < 0``): then the
+    ``ceil(n / 2)`` smallest go left (``c_b``'s side gets the bigger half). A selection, not a
+    sort (only the final order of a level needs the sort)."""
+    n = closeness.shape[0]
+    left = (n + 1) // 2
+    part = np.argpartition(closeness, n - left)
+    flip = n % 2 == 1 and closeness[part[n - left]] < 0
+    chosen = np.argpartition(closeness, left - 1)[:left] if flip else part[n - left :]
+    in_left = np.zeros(n, dtype=bool)
+    in_left[chosen] = True
+    return in_left, bool(flip)
+
+
+def _split_streamed(
+    node: _StreamedNode, sq_norms: np.ndarray, first: int, key: int, num_iters: int
+) -> np.ndarray:
+    """Balanced 2-means of one large node by passes over its rows (see :meth:`IndexTree.
+    build`); returns the permutation of its rows: left child first, each child in descending
+    ``closeness`` (the order a block-level split produces).
+
+    Centroids are kept as float64 sums of the left half, updated by the rows that changed
+    sides (the right half's sum is the node's sum minus it), so an iteration reads every row
+    once (the dot product) plus the rows that moved."""
+    n = node.rows.shape[0]
+    if n == 1:  # nothing to split (a level of 1- and 2-item nodes, streamed)
+        return np.zeros(1, dtype=np.int64)
+    left = (n + 1) // 2
+    anchor = node.vector(first)
+    dots, total = node.dot(anchor, with_sum=True)
+    seed_a = int(np.argmax(sq_norms - 2.0 * dots))
+    centroid_a = node.vector(seed_a)
+    dots, _ = node.dot(centroid_a)
+    centroid_b = node.vector(int(np.argmax(sq_norms - 2.0 * dots)))
+    member = np.zeros(n, dtype=bool)  # the rows summed in left_sum
+    left_sum = np.zeros(node.items.dim, dtype=np.float64)
+    previous = None
+    rounds = 1 if n <= 2 else num_iters  # as in blocks: the seeds settle a pair
+    for iteration in range(rounds):
+        direction = centroid_a - centroid_b
+        offset = 0.5 * np.dot(direction.astype(np.float64), centroid_a + centroid_b)
+        closeness, _ = node.dot(direction)
+        closeness -= offset
+        in_left, _ = _balanced_left(closeness)
+        if (previous is not None and np.array_equal(in_left, previous)) or (
+            iteration == rounds - 1
+        ):
+            break
+        moved = np.flatnonzero(in_left != member)
+        signs = np.where(in_left[moved], 1.0, -1.0).astype(np.float32)
+        left_sum += node.weighted_sum(moved, signs)
+        member = previous = in_left
+        centroid_a = (left_sum / left).astype(np.float32)
+        centroid_b = ((total - left_sum) / (n - left)).astype(np.float32)
+    keys = _sort_keys(closeness, np.full(1, key), np.zeros(1, np.int64))
+    perm = np.argsort(keys)
+    return perm[::-1] if n % 2 == 1 and closeness[perm[n // 2]] < 0 else perm
+
+
+def _split_block(
+    x: np.ndarray,
+    sq_norms: np.ndarray,
+    count: np.ndarray,
+    level: int,
+    first_segment: int,
+    firsts: Sequence[np.ndarray],
+    depth: int,
+    num_iters: int,
+) -> tuple[np.ndarray, list[float]]:
+    """Balanced 2-means of whole nodes held in memory, all remaining levels.
+
+    The rows are laid out per node, ``[S, W, D]`` with ``W`` the largest node's size (the
+    nodes of one level hold ``floor`` or ``ceil(N / 2**l)`` items, so at most one padding row
+    each, zero): every dot product with a per-node vector is then one broadcast ``einsum``
+    that reads each row once, with no gather of per-row vectors, and the halves' sums one
+    masked ``einsum``. Each level ends by gathering the rows into the children's layout.
+
+    Args:
+      x: float32 ``[n, D]`` the items of consecutive level-``level`` nodes, in the current
+        order; ``count`` int ``[S]`` items per node; ``first_segment`` the level-wide index of
+        the first node.
+      sq_norms: float64 ``[n]`` squared norms of ``x``'s rows.
+      firsts: per level, the random first-seed offset of every node of that level.
+
+    Returns:
+      ``(permutation of the n rows into leaf order, seconds spent per level)``.
+    """
+    dim = x.shape[1]
+    size = count.astype(np.int64)
+    width = int(size.max())
+    slot = np.arange(width)
+    valid = slot < size[:, None]  # [S, W]
+    rows = np.where(valid, _starts(size)[:, None] + slot, -1)  # block rows, -1 at padding
+    gather = np.where(valid, rows, 0).reshape(-1)
+    xp = np.take(x, gather, axis=0).reshape(*valid.shape, dim)
+    xp[~valid] = 0.0
+    sq = np.where(valid, sq_norms[gather].reshape(valid.shape), -np.inf)
+    seconds = []
+    for lvl in range(level, depth):
+        began = time.perf_counter()
+        num_segments, width = valid.shape
+        segments = np.arange(num_segments)
+        slot = np.arange(width)
+        base = first_segment << (lvl - level)
+
+        # argmax_x ||x - p||^2 within a node = argmax_x ||x||^2 - 2 x . p (padding: -inf)
+        first = firsts[lvl][base : base + num_segments].astype(np.int64)
+        far = sq - 2.0 * np.einsum("scd,sd->sc", xp, xp[segments, first])
+        centroid_a = xp[segments, np.argmax(far, axis=1)]  # [S, D] (copies)
+        far = sq - 2.0 * np.einsum("scd,sd->sc", xp, centroid_a)
+        centroid_b = xp[segments, np.argmax(far, axis=1)]
+        del far
+
+        left = (size + 1) // 2
+        odd = size % 2 == 1
+        total = np.einsum("scd->sd", xp)
+        reversed_slot = np.where(slot < size[:, None], size[:, None] - 1 - slot, slot)
+        perm = np.empty((num_segments, width), dtype=np.int64)
+        in_left = np.zeros((num_segments, width), dtype=bool)
+        # A node whose assignment repeats has converged (its next rounds would repeat it):
+        # later rounds read only the rows of the nodes still moving, and every per-node array
+        # below is kept for those nodes only.
+        active, x_active, valid_a, size_a = segments, xp, valid, size
+        left_a, odd_a, reversed_a, total_a = left, odd, reversed_slot, total
+        # Nodes of <= 2 items are settled by the first round (centroids = the two seeds).
+        rounds = 1 if width <= 2 else num_iters
+        for iteration in range(rounds):
+            # closeness > 0 <=> ||x - c_a|| < ||x - c_b||; halves = a per-node sort.
+            # (||c_a||^2 - ||c_b||^2 as (c_a - c_b) . (c_a + c_b): one product, no cancellation)
+            direction = centroid_a - centroid_b
+            offset = 0.5 * np.einsum("sd,sd->s", direction, centroid_a + centroid_b,
+                                     dtype=np.float64)
+            closeness = np.einsum("scd,sd->sc", x_active, direction) - offset[:, None]
+            order = np.argsort(np.where(valid_a, -closeness, np.inf), axis=1)
+            # Sizes are fixed (ceil left, floor right), not which centroid gets the bigger
+            # half: for odd n the middle item decides, going to the centroid it is closer
+            # to; when that is c_b, the node's order is reversed (c_b's side goes left).
+            nodes = np.arange(active.shape[0])
+            flip = odd_a & (closeness[nodes, order[nodes, size_a // 2]] < 0)
+            if flip.any():
+                order[flip] = np.take_along_axis(order[flip], reversed_a[flip], axis=1)
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.broadcast_to(slot, order.shape), axis=1)
+            left_now = rank < left_a[:, None]
+            moving = (
+                np.ones(active.shape[0], dtype=bool) if iteration == 0
+                else np.any(left_now != in_left[active], axis=1)
+            )
+            perm[active] = order
+            in_left[active] = left_now
+            if iteration == rounds - 1 or not moving.any():
+                break
+            if not moving.all():
+                keep = np.flatnonzero(moving)
+                active, left_now = active[keep], left_now[keep]
+                x_active = np.take(x_active, keep, axis=0)
+                valid_a, size_a, left_a = valid_a[keep], size_a[keep], left_a[keep]
+                odd_a, reversed_a, total_a = odd_a[keep], reversed_a[keep], total_a[keep]
+            left_sum = np.einsum("sc,scd->sd", left_now.astype(np.float32), x_active)
+            centroid_a = left_sum / left_a[:, None].astype(np.float32)
+            # A one-item node has no right half: c_b = c_a keeps it where it is.
+            right_size = size_a - left_a
+            centroid_b = np.where(
+                (right_size > 0)[:, None],
+                (total_a - left_sum) / np.maximum(right_size, 1)[:, None].astype(np.float32),
+                centroid_a,
+            )
+        del x_active, valid_a, reversed_a, total_a
+
+        # The children's layout: child 2s takes node s's first `left` sorted rows, 2s + 1
+        # the rest, each in that (descending closeness) order, padding last.
+        child_size = np.stack([left, size - left], axis=1).reshape(-1)
+        child_width = int(child_size.max())
+        child_slot = np.arange(child_width)
+        position = np.stack(
+            [np.broadcast_to(child_slot, (num_segments, child_width)),
+             left[:, None] + child_slot], axis=1,
+        ).reshape(num_segments, 2 * child_width)
+        source = np.take_along_axis(perm, np.minimum(position, width - 1), axis=1)
+        source = (segments[:, None] * width + source).reshape(-1)
+        valid = child_slot < child_size[:, None]
+        rows = np.where(valid, rows.reshape(-1)[source].reshape(valid.shape), -1)
+        if lvl < depth - 1:
+            xp = np.take(xp.reshape(-1, dim), source, axis=0).reshape(*valid.shape, dim)
+            xp[~valid] = 0.0
+            sq = np.where(valid, sq.reshape(-1)[source].reshape(valid.shape), -np.inf)
+        size = child_size
+        seconds.append(time.perf_counter() - began)
+    return rows[valid], seconds
+
+
+def _partition(
+    items: _ItemVectors,
+    depth: int,
+    num_iters: int,
+    seed: int,
+    block_rows: int,
+    pool: _Workers,
+    report: Callable[..., None],
+) -> np.ndarray:
+    """The leaf order of the items: int64 ``[N]``, the ``k``-th valid leaf slot's item
+    (:meth:`IndexTree.build`'s 2-means, streamed levels then blocks)."""
+    num_items = items.num_items
+    began = time.perf_counter()
+    # The random first seeds of every node, drawn level by level as version 1 did.
+    rng = np.random.default_rng(seed)
+    firsts = [
+        _smallest_uint(rng.integers(0, count))
+        for count in _iter_level_counts(num_items, depth - 1)
+    ] if depth else []
+    sq_norms = np.empty(num_items, dtype=np.float64)
+
+    def norms(bounds: tuple[int, int]) -> None:
+        for begin in range(bounds[0], bounds[1], _ROW_CHUNK):
+            end = min(begin + _ROW_CHUNK, bounds[1])
+            vectors = items.vectors(slice(begin, end))
+            sq_norms[begin:end] = np.einsum("nd,nd->n", vectors, vectors, dtype=np.float64)
+
+    pool.map(norms, pool.ranges(num_items))
+    report("seeds and squared norms", began)
+
+    order = np.arange(num_items, dtype=np.int64)
+    level = 0
+    count = np.array([num_items], dtype=np.int64)
+    while level < depth and int(count.max()) > block_rows:
+        began = time.perf_counter()
+        for segment, (start, size) in enumerate(
+            zip(_starts(count).tolist(), count.tolist(), strict=True)
+        ):
+            rows = order[start : start + size]
+            perm = _split_streamed(
+                _StreamedNode(items, rows, pool), sq_norms[rows], int(firsts[level][segment]),
+                segment, num_iters,
+            )
+            order[start : start + size] = rows[perm]
+        count = _children(count)
+        report(f"level {level} (streamed, {count.shape[0] // 2} nodes)", began)
+        level += 1
+    if level == depth:
+        return order
+
+    began = time.perf_counter()
+    starts = _starts(count)
+    per_block = max(1, block_rows // int(count.max()))
+    blocks = [(s, min(s + per_block, count.shape[0])) for s in range(0, count.shape[0], per_block)]
+
+    def split(block: tuple[int, int]) -> list[float]:
+        low, high = block
+        begin = int(starts[low])
+        end = int(starts[high - 1] + count[high - 1])
+        rows = order[begin:end]
+        perm, seconds = _split_block(
+            items.vectors(rows), sq_norms[rows], count[low:high], level, low, firsts, depth,
+            num_iters,
+        )
+        order[begin:end] = rows[perm]
+        return seconds
+
+    seconds = np.sum(pool.map(split, blocks), axis=0)
+    for lvl, spent in enumerate(seconds.tolist(), start=level):
+        report(f"level {lvl} (blocks, thread-seconds)", None, spent)
+    report(f"levels {level}..{depth - 1} (in {len(blocks)} blocks)", began)
+    return order
+
+
+def _sum_pairs(
+    sums: np.ndarray,
+    counts: np.ndarray,
+    steps: int,
+    each: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``sums`` ``[2**steps * m, ...]`` and ``counts`` summed over sibling pairs ``steps``
+    times (one tree level each), calling ``each(step, sums, counts)`` after every step."""
+    for step in range(1, steps + 1):
+        sums = sums.reshape(-1, 2, *sums.shape[1:]).sum(axis=1)
+        counts = counts.reshape(-1, 2).sum(axis=1)
+        if each is not None:
+            each(step, sums, counts)
+    return sums, counts
 
 
 class IndexTree:
     """A balanced binary index tree over items (see the module docstring for the layout).
 
-    Build with :meth:`build`; persist with :meth:`save` / :meth:`load`.
+    Build with :meth:`build` (float vectors) or :meth:`build_from_codes` (int8 codes, the
+    TAOBAO-MM scale path); persist with :meth:`save` / :meth:`load`.
 
     Attributes:
       depth: ``L``, the number of edges from the root to a leaf; levels are ``0 .. L``.
-      node_vectors: float32 ``[2**(L + 1) - 1, D]``; mean embedding of the items under each
-        node (zeros for padding slots).
+      stored_depth: ``K``: the means of levels ``0 .. K`` are stored, deeper node vectors are
+        computed from the items on demand (``-1``: none stored).
       leaf_item_ids: int64 ``[2**L]``; item id of each level-``L`` slot (``0`` at padding
         slots; use :attr:`leaf_valid`).
       leaf_valid: bool ``[2**L]``; whether each level-``L`` slot holds an item.
@@ -114,7 +580,91 @@ class IndexTree:
     def __init__(
         self, node_vectors: np.ndarray, leaf_item_ids: np.ndarray, leaf_valid: np.ndarray
     ) -> None:
+        """A tree from the whole float32 heap array of node vectors (``[2**(L + 1) - 1,
+        D]``, zeros at padding slots) and its leaves; see :meth:`from_parts` for the compact
+        form."""
+        self._set_layout(leaf_item_ids, leaf_valid)
         node_vectors = np.asarray(node_vectors)
+        if node_vectors.ndim != 2 or node_vectors.shape[0] != self.num_nodes:
+            raise ValueError(
+                f"node_vectors must be [{self.num_nodes}, D] for depth {self.depth}; got shape "
+                f"{node_vectors.shape}."
+            )
+        node_vectors = node_vectors.astype(np.float32, copy=False)
+        first_leaf = (1 << self.depth) - 1
+        self._set_storage(
+            node_vectors[:first_leaf], _ItemVectors(node_vectors, self._valid_leaf_nodes, None)
+        )
+        self._dense = node_vectors
+
+    @classmethod
+    def from_parts(
+        cls,
+        leaf_item_ids: np.ndarray,
+        leaf_valid: np.ndarray,
+        node_means: np.ndarray,
+        item_vectors: np.ndarray,
+        item_rows: np.ndarray | None = None,
+        item_scale: np.ndarray | None = None,
+    ) -> IndexTree:
+        """A tree from its compact form (what :meth:`save` writes).
+
+        Args:
+          leaf_item_ids: int ``[2**L]`` item id per leaf slot; leaf_valid: bool ``[2**L]``.
+          node_means: float32 ``[2**(K + 1) - 1, D]``, the means of levels ``0 .. K``.
+          item_vectors: ``[M, D]``: float32 item vectors, or int8 codes (then ``item_scale``).
+          item_rows: int ``[N]``: row of ``item_vectors`` of the ``k``-th item leaf (slot
+            order); ``None`` when ``item_vectors`` holds exactly those rows in that order.
+          item_scale: float32 ``[N]``: factor of the ``k``-th item leaf's int8 codes (its
+            inverse norm); required for int8, forbidden for float.
+        """
+        tree = cls.__new__(cls)
+        tree._set_layout(leaf_item_ids, leaf_valid)
+        node_means = np.asarray(node_means)
+        table = np.asarray(item_vectors)
+        num_items = tree.num_items
+        if table.ndim != 2 or node_means.ndim != 2 or node_means.shape[1] != table.shape[1]:
+            raise ValueError(
+                f"node_means and item_vectors must be [rows, D] with one D; got shapes "
+                f"{node_means.shape} and {table.shape}."
+            )
+        stored = node_means.shape[0]
+        if stored & (stored + 1) or stored > (1 << tree.depth) - 1:
+            raise ValueError(
+                f"node_means must hold whole levels 0 .. K < {tree.depth} (2**(K + 1) - 1 rows); "
+                f"got {stored} rows."
+            )
+        if item_rows is None:
+            if table.shape[0] != num_items:
+                raise ValueError(
+                    f"item_vectors must hold the {num_items} items' rows in leaf order when "
+                    f"item_rows is None; got {table.shape[0]} rows."
+                )
+        else:
+            item_rows = np.asarray(item_rows)
+            if item_rows.shape != (num_items,) or not np.issubdtype(item_rows.dtype, np.integer):
+                raise ValueError(f"item_rows must be integer [{num_items}]; got shape "
+                                 f"{item_rows.shape}, dtype {item_rows.dtype}.")
+            if num_items and (item_rows.min() < 0 or item_rows.max() >= table.shape[0]):
+                raise ValueError(f"item_rows must be rows of item_vectors in [0, "
+                                 f"{table.shape[0]}).")
+        if table.dtype == np.int8:
+            scale = np.asarray(item_scale) if item_scale is not None else None
+            if scale is None or scale.shape != (num_items,):
+                raise ValueError(f"int8 item_vectors need item_scale float32 [{num_items}].")
+            scale = scale.astype(np.float32, copy=False)
+        elif table.dtype == np.float32:
+            if item_scale is not None:
+                raise ValueError("item_scale is only for int8 item_vectors.")
+            scale = None
+        else:
+            raise ValueError(f"item_vectors must be float32 or int8; got {table.dtype}.")
+        tree._set_storage(
+            node_means.astype(np.float32, copy=False), _ItemVectors(table, item_rows, scale)
+        )
+        return tree
+
+    def _set_layout(self, leaf_item_ids: np.ndarray, leaf_valid: np.ndarray) -> None:
         leaf_item_ids = np.asarray(leaf_item_ids)
         leaf_valid = np.asarray(leaf_valid)
         if leaf_valid.ndim != 1 or leaf_valid.dtype != np.bool_:
@@ -135,12 +685,6 @@ class IndexTree:
                 f"leaf_item_ids must be integer [{num_leaves}]; got shape "
                 f"{leaf_item_ids.shape}, dtype {leaf_item_ids.dtype}."
             )
-        num_nodes = 2 * num_leaves - 1
-        if node_vectors.ndim != 2 or node_vectors.shape[0] != num_nodes:
-            raise ValueError(
-                f"node_vectors must be [{num_nodes}, D] for depth {depth}; got shape "
-                f"{node_vectors.shape}."
-            )
         if not leaf_valid.any():
             raise ValueError("the tree holds no item: leaf_valid is all False.")
         # Padding slots may only be right children of single-item parents (module docstring).
@@ -151,7 +695,6 @@ class IndexTree:
                 "node must hold an item in its left child."
             )
         self.depth = depth
-        self.node_vectors = node_vectors.astype(np.float32, copy=False)
         self.leaf_item_ids = leaf_item_ids.astype(np.int64, copy=False)
         self.leaf_valid = leaf_valid
         valid_slots = np.flatnonzero(leaf_valid)
@@ -167,6 +710,12 @@ class IndexTree:
             )
         self._valid_leaf_nodes = (valid_slots + num_leaves - 1).astype(np.int64)
 
+    def _set_storage(self, node_means: np.ndarray, items: _ItemVectors) -> None:
+        self._node_means = node_means
+        self._items = items
+        self._dense: np.ndarray | None = None
+        self.stored_depth = (node_means.shape[0] + 1).bit_length() - 2
+
     # ------------------------------------------------------------------------------ build
 
     @classmethod
@@ -177,31 +726,49 @@ class IndexTree:
         *,
         num_iters: int = 5,
         seed: int = 0,
+        block_rows: int = DEFAULT_BLOCK_ROWS,
+        computed_levels: int = DEFAULT_COMPUTED_LEVELS,
+        workers: int | None = None,
+        on_stage: StageCallback | None = None,
     ) -> IndexTree:
         """Builds the tree by recursive balanced 2-means, one level at a time.
 
-        At every node: two seeds by the farthest-point heuristic (a random item ``r``, the
-        item ``a`` farthest from ``r``, the item ``b`` farthest from ``a``), then up to
-        ``num_iters`` rounds of balanced assignment: items sorted by
+        At every node: two seeds by the farthest-point heuristic (the item ``r`` at a random
+        position of the node, the item ``a`` farthest from ``r``, the item ``b`` farthest from
+        ``a``), then up to ``num_iters`` rounds of balanced assignment: items sorted by
         ``||x - c_b||^2 - ||x - c_a||^2`` (linear in ``x``: ``x . (c_a - c_b) - const``), the
         ``ceil(n / 2)`` closest to ``c_a`` to the left child and the rest to the right -- or,
         for odd ``n`` when the middle item is closer to ``c_b``, the ``ceil(n / 2)`` closest to
         ``c_b`` to the left (the cheaper of the two size-balanced assignments); centroids
-        recomputed as the halves' means. A level stops early once no assignment changes.
+        recomputed as the halves' means. A node stops once its assignment no longer changes
+        (a fixed point: its next rounds would repeat it); a node of two items after its
+        first round (its seeds are then its halves, so the second round repeats it). Each
+        child keeps its items in descending ``x . (c_a - c_b)`` (the random positions of the
+        next level read it).
 
-        Memory: the float32 embeddings and one permuted copy per level (``2 N D * 4`` bytes),
-        ``node_vectors`` (``(2**(L + 1) - 1) D * 4``) and float64 leaf sums (``2**L D * 8``):
-        about ``N D * 32`` bytes for ``N`` near a power of two. That is ~0.4 GB for 100K items
-        at D = 128 but ~170 GB for TAOBAO-MM's whole 35.4M-item catalogue, which the tree is
-        not meant to index on one machine (the frozen int8 table of the ranking models is
-        4.5 GB; :class:`~muse_tf.training.retrieval_data.Catalogue` keeps its codes by
-        reference and produces these float vectors only when asked).
+        The rule, the random draws (one ``rng.integers`` per level) and the node vectors'
+        arithmetic are version 1's, so a seed gives version 1's tree and its float32 node
+        vectors bit for bit, except where float32 rounding decides a split: the dot products
+        (per node ``einsum`` in blocks, float32 BLAS in streamed passes) and centroid sums
+        (float32 masked sums in blocks, float64 sums updated by the rows that moved when
+        streamed) are computed in another order, which matters only for near-ties
+        (``tests/index/test_tree.py`` checks trees against a float64 statement of the rule).
+
+        Memory: besides the input, the build state and the tree of the module docstring; the
+        float32 input is copied once, in leaf order (the tree's own item vectors). For int8
+        codes use :meth:`build_from_codes`, which never forms a float copy.
 
         Args:
           embeddings: ``[N, D]`` real item embeddings (cast to float32), ``N >= 1``.
           item_ids: ``[N]`` unique integer item ids, aligned with ``embeddings``.
           num_iters: balanced 2-means rounds per level (>= 1).
           seed: seed of the random first seeds.
+          block_rows: nodes of at most this many items are split in memory, in blocks of
+            about this many float32 rows; larger ones by streamed passes (>= 1).
+          computed_levels: levels directly above the leaves whose node vectors are not stored
+            but computed from their items on demand (>= 0).
+          workers: threads for the passes and blocks (default: ``min(2, CPUs)``).
+          on_stage: called with ``(stage name, seconds)`` after each build stage.
 
         Returns:
           The tree; ``depth == ceil(log2 N)``.
@@ -215,14 +782,113 @@ class IndexTree:
         if not np.all(np.isfinite(x)):
             bad = np.flatnonzero(~np.all(np.isfinite(x), axis=1))
             raise ValueError(f"embeddings has non-finite values in rows {bad[:5].tolist()}.")
+        return cls._build(
+            _ItemVectors(x, None, None), item_ids, num_iters=num_iters, seed=seed,
+            block_rows=block_rows, computed_levels=computed_levels, workers=workers,
+            on_stage=on_stage,
+        )
+
+    @classmethod
+    def build_from_codes(
+        cls,
+        codes: np.ndarray,
+        item_ids: np.ndarray,
+        code_rows: np.ndarray | None = None,
+        *,
+        num_iters: int = 5,
+        seed: int = 0,
+        block_rows: int = DEFAULT_BLOCK_ROWS,
+        computed_levels: int = DEFAULT_COMPUTED_LEVELS,
+        workers: int | None = None,
+        on_stage: StageCallback | None = None,
+    ) -> IndexTree:
+        """Builds the tree of :meth:`build` over int8 codes, compared by cosine.
+
+        Item ``k``'s vector is its L2-normalised code, ``u_k = float32(c_k) * rho_k`` with
+        ``rho_k = 1 / ||c_k||`` (:func:`~muse_tf.embeddings.arrays.code_inverse_norms`,
+        float32), formed only ``_PASS_ROWS`` (streamed levels) or ``block_rows`` (block
+        levels) rows at a time: the float32 ``[N, D]`` catalogue never exists. The codes are
+        kept **by reference** (the tree's leaves read them; do not modify them afterwards):
+        ``N * 12`` more bytes (code row, inverse norm) hold the items. For ``N <=
+        block_rows`` the tree equals ``build(u)``; above, streamed passes compute ``(c .
+        v) * rho`` instead of ``u . v``, which can only reorder float32 near-ties.
+
+        Args:
+          codes: int8 ``[M, D]`` (e.g. :class:`~muse_tf.embeddings.MultimodalCodes` ``.codes``
+            or the table as read).
+          item_ids: ``[N]`` unique integer item ids.
+          code_rows: int ``[N]``: the row of ``codes`` of each item (e.g. ``MultimodalCodes.
+            code_index`` without its ``-1`` rows); default: ``codes`` holds the ``N`` items
+            in order.
+          num_iters, seed, block_rows, computed_levels, workers, on_stage: as :meth:`build`.
+
+        Returns:
+          The tree; ``depth == ceil(log2 N)``.
+        """
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.dtype != np.int8 or codes.shape[1] == 0:
+            raise ValueError(f"codes must be int8 [M, D]; got shape {codes.shape}, dtype "
+                             f"{codes.dtype}.")
+        if code_rows is None:
+            rows = None
+            num_items = codes.shape[0]
+        else:
+            rows = np.asarray(code_rows)
+            if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+                raise ValueError(f"code_rows must be a 1-D integer array; got shape "
+                                 f"{rows.shape}, dtype {rows.dtype}.")
+            if rows.size and (rows.min() < 0 or rows.max() >= codes.shape[0]):
+                raise ValueError(f"code_rows must be rows of codes in [0, {codes.shape[0]}); "
+                                 f"got values in [{rows.min()}, {rows.max()}].")
+            rows = rows.astype(np.int64, copy=False)
+            num_items = rows.shape[0]
+        if num_items == 0:
+            raise ValueError("codes must hold at least one item.")
+        inverse = np.empty(num_items, dtype=np.float32)
+        for begin in range(0, num_items, _ROW_CHUNK):
+            end = min(begin + _ROW_CHUNK, num_items)
+            block = codes[begin:end] if rows is None else np.take(codes, rows[begin:end], axis=0)
+            inverse[begin:end] = code_inverse_norms(block)
+        if not np.all(inverse > 0):
+            bad = np.flatnonzero(inverse == 0)
+            raise ValueError(f"items {bad[:5].tolist()} have all-zero codes: no direction to "
+                             "index by cosine.")
+        return cls._build(
+            _ItemVectors(codes, rows, inverse), item_ids, num_iters=num_iters, seed=seed,
+            block_rows=block_rows, computed_levels=computed_levels, workers=workers,
+            on_stage=on_stage,
+        )
+
+    @classmethod
+    def _build(
+        cls,
+        items: _ItemVectors,
+        item_ids: np.ndarray,
+        *,
+        num_iters: int,
+        seed: int,
+        block_rows: int,
+        computed_levels: int,
+        workers: int | None,
+        on_stage: StageCallback | None,
+    ) -> IndexTree:
+        num_items = items.num_items
         ids = np.asarray(item_ids)
-        if ids.shape != (x.shape[0],) or not np.issubdtype(ids.dtype, np.integer):
+        if ids.shape != (num_items,) or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(
-                f"item_ids must be integer [N={x.shape[0]}]; got shape {ids.shape}, "
+                f"item_ids must be integer [N={num_items}]; got shape {ids.shape}, "
                 f"dtype {ids.dtype}."
             )
-        if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
-            raise ValueError(f"num_iters must be an int >= 1; got {num_iters!r}.")
+        for name, value, low in (("num_iters", num_iters, 1), ("block_rows", block_rows, 1),
+                                 ("computed_levels", computed_levels, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}; got {value!r}.")
+        if workers is None:
+            workers = min(2, os.cpu_count() or 1)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1; got {workers!r}.")
+        if num_items >= 1 << 31:
+            raise ValueError(f"at most 2**31 - 1 items; got {num_items}.")
         ids = ids.astype(np.int64)
         sorted_ids = np.sort(ids)
         duplicate = sorted_ids[1:] == sorted_ids[:-1]
@@ -231,88 +897,31 @@ class IndexTree:
                 f"item_ids must be unique; {sorted_ids[1:][duplicate][:5].tolist()} occur more "
                 "than once."
             )
+        del sorted_ids, duplicate
 
-        num_items, dim = x.shape
+        def report(name: str, began: float | None, seconds: float = 0.0) -> None:
+            if on_stage is not None:
+                on_stage(name, seconds if began is None else time.perf_counter() - began)
+
         depth = (num_items - 1).bit_length()  # ceil(log2 N); 0 for one item
-        counts = _level_counts(num_items, depth)
-        offsets = [np.cumsum(c) - c for c in counts]
-        rng = np.random.default_rng(seed)
-        order = np.arange(num_items, dtype=np.int64)
-        sq_norms = np.einsum("nd,nd->n", x, x, dtype=np.float64)
-
-        for level in range(depth):
-            count, start = counts[level], offsets[level]
-            segment = np.repeat(np.arange(count.shape[0]), count)
-            child_count, child_start = counts[level + 1], offsets[level + 1]
-
-            # argmax_x ||x - p||^2 within a segment = argmax_x ||x||^2 - 2 x . p
-            first = start + rng.integers(0, count)
-            far = sq_norms - 2.0 * _rowwise_dot(x, x[first], segment, start, count)
-            seed_a = _segment_argmax(far, start, segment)
-            far = sq_norms - 2.0 * _rowwise_dot(x, x[seed_a], segment, start, count)
-            seed_b = _segment_argmax(far, start, segment)
-            centroid_a, centroid_b = x[seed_a], x[seed_b]  # [S, D]
-
-            # Child (2s left, 2s + 1 right) of the item at each within-level sorted position.
-            child_by_position = np.repeat(np.arange(child_count.shape[0]), child_count)
-            indptr = np.append(child_start, num_items)
-            within = np.arange(num_items) - start[segment]
-            reversed_position = start[segment] + count[segment] - 1 - within
-            odd = count % 2 == 1
-            middle = start + count // 2
-            previous_child = None
-            for iteration in range(num_iters):
-                # closeness > 0 <=> ||x - c_a|| < ||x - c_b||; halves = a segment-wise sort.
-                offset = 0.5 * (
-                    np.einsum("sd,sd->s", centroid_a, centroid_a, dtype=np.float64)
-                    - np.einsum("sd,sd->s", centroid_b, centroid_b, dtype=np.float64)
-                )
-                direction = centroid_a - centroid_b
-                closeness = _rowwise_dot(x, direction, segment, start, count) - offset[segment]
-                perm = _segment_sort(closeness, segment, start)
-                # Sizes are fixed (ceil left, floor right), not which centroid gets the bigger
-                # half: for odd n the middle item decides, going to the centroid it is closer
-                # to; when that is c_b, the segment's order is reversed (c_b's side goes left).
-                flip = odd & (closeness[perm[middle]] < 0)
-                if flip.any():
-                    perm = np.where(flip[segment], perm[reversed_position], perm)
-                child = np.empty(num_items, dtype=np.int64)
-                child[perm] = child_by_position
-                if previous_child is not None and np.array_equal(child, previous_child):
-                    break
-                previous_child = child
-                if iteration == num_iters - 1:
-                    break
-                # Sum of each half as a sparse [2S, N] 0/1 matrix times x: row c holds the items
-                # perm[child_start[c]:...], so the CSR arrays are perm and child_start as they are.
-                membership = scipy.sparse.csr_matrix(
-                    (np.ones(num_items, dtype=np.float32), perm, indptr),
-                    shape=(child_count.shape[0], num_items),
-                )
-                means = (membership @ x) / np.maximum(child_count, 1)[:, None]
-                centroid_a = means[0::2].astype(np.float32)
-                # A one-item node has no right half: c_b = c_a keeps it where it is.
-                centroid_b = np.where(
-                    (count > 1)[:, None], means[1::2], means[0::2]
-                ).astype(np.float32)
-            x = x[perm]
-            order = order[perm]
-            sq_norms = sq_norms[perm]
-
-        num_leaves = 1 << depth
-        leaf_valid = counts[depth] > 0
-        leaf_item_ids = np.zeros(num_leaves, dtype=np.int64)
-        leaf_item_ids[leaf_valid] = ids[order]
-
-        node_vectors = np.zeros((2 * num_leaves - 1, dim), dtype=np.float32)
-        sums = np.zeros((num_leaves, dim), dtype=np.float64)
-        sums[leaf_valid] = x
-        node_vectors[num_leaves - 1 :][leaf_valid] = x
-        for level in range(depth - 1, -1, -1):
-            sums = sums.reshape(-1, 2, dim).sum(axis=1)
-            first_node = (1 << level) - 1
-            node_vectors[first_node : 2 * first_node + 1] = sums / counts[level][:, None]
-        return cls(node_vectors, leaf_item_ids, leaf_valid)
+        pool = _Workers(workers)
+        try:
+            order = _partition(items, depth, num_iters, seed, block_rows, pool, report)
+            began = time.perf_counter()
+            leaf_valid = _leaf_valid(num_items, depth)
+            leaf_item_ids = np.zeros(leaf_valid.shape[0], dtype=np.int64)
+            leaf_item_ids[leaf_valid] = ids[order]
+            leaf_items = items.leaf_order(order)
+            del order
+            stored_depth = max(depth - 1 - computed_levels, -1)
+            node_means = _node_means(leaf_items, leaf_valid, depth, stored_depth, pool)
+            report("node means", began)
+        finally:
+            pool.close()
+        return cls.from_parts(
+            leaf_item_ids, leaf_valid, node_means, leaf_items.table, leaf_items.rows,
+            leaf_items.scale,
+        )
 
     # ------------------------------------------------------------------------------ shape
 
@@ -322,11 +931,24 @@ class IndexTree:
 
     @property
     def num_nodes(self) -> int:
-        return int(self.node_vectors.shape[0])
+        return (2 << self.depth) - 1
 
     @property
     def dim(self) -> int:
-        return int(self.node_vectors.shape[1])
+        return self._items.dim
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tree's arrays; int8 item codes held by reference are not counted (a
+        float32 item table is the tree's own copy and is)."""
+        items = self._items
+        arrays = [self.leaf_item_ids, self.leaf_valid, self.item_ids, self.item_leaf,
+                  self._valid_leaf_nodes, self._node_means, items.rows, items.scale]
+        if items.scale is None:
+            arrays.append(items.table)
+        if self._dense is not None and self._dense is not items.table:
+            arrays.append(self._dense)
+        return sum(array.nbytes for array in arrays if array is not None)
 
     @property
     def num_levels(self) -> int:
@@ -363,6 +985,15 @@ class IndexTree:
             level_counts = level_counts.reshape(-1, 2).sum(axis=1) if level else level_counts
         return counts
 
+    def _holds_items(self, nodes: np.ndarray) -> np.ndarray:
+        """:attr:`node_valid` of (checked) ``nodes`` only, without the ``[num_nodes]`` array
+        (134 MB at depth 26)."""
+        first_leaf = self.leaf_valid.shape[0] - 1
+        valid = nodes < first_leaf
+        at_leaf = ~valid
+        valid[at_leaf] = self.leaf_valid[nodes[at_leaf] - first_leaf]
+        return valid
+
     @property
     def valid_leaf_nodes(self) -> np.ndarray:
         """int64 ``[N]``: node ids of the leaves that hold an item, ascending."""
@@ -384,6 +1015,74 @@ class IndexTree:
                 f"{name} must be node ids in [0, {self.num_nodes}); got {nodes[bad][:5].tolist()}."
             )
         return nodes
+
+    # ------------------------------------------------------------------------------ vectors
+
+    def vectors_of(self, node_ids: np.ndarray) -> np.ndarray:
+        """float32 ``[..., D]``: the vector of each node id (shape ``node_ids.shape + (D,)``).
+
+        The exact mean of the vectors of the items under the node (zeros for padding slots):
+        a stored row for levels ``0 ..`` :attr:`stored_depth`, else computed from the node's
+        at most ``2**(depth - stored_depth - 1)`` items by float64 pairwise sums -- the same
+        numbers :attr:`node_vectors` holds. Cost: one gather per stored node, one per item of
+        a computed node (``_COMPUTE_NODES`` nodes at a time).
+        """
+        nodes = self._check_nodes(node_ids, "node_ids")
+        flat = nodes.reshape(-1)
+        out = np.empty((flat.shape[0], self.dim), dtype=np.float32)
+        if self._dense is not None:
+            np.take(self._dense, flat, axis=0, out=out)
+            return out.reshape(*nodes.shape, self.dim)
+        stored = flat < self._node_means.shape[0]
+        out[stored] = self._node_means[flat[stored]]
+        computed = np.flatnonzero(~stored)
+        if computed.size:
+            levels = np.searchsorted(self.level_starts, flat[computed], side="right") - 1
+            for level in np.unique(levels).tolist():
+                at = computed[levels == level]
+                for begin in range(0, at.shape[0], _COMPUTE_NODES):
+                    chunk = at[begin : begin + _COMPUTE_NODES]
+                    out[chunk] = self._computed_means(flat[chunk] - ((1 << level) - 1), level)
+        return out.reshape(*nodes.shape, self.dim)
+
+    def _computed_means(self, positions: np.ndarray, level: int) -> np.ndarray:
+        """float32 ``[n, D]``: means of the level-``level`` nodes at ``positions`` in it."""
+        span = 1 << (self.depth - level)
+        slots = (positions[:, None] * span + np.arange(span)).reshape(-1)
+        valid = self.leaf_valid[slots]
+        sums = np.zeros((slots.shape[0], self.dim), dtype=np.float64)
+        ranks = np.searchsorted(self._valid_leaf_nodes, slots[valid] + self.leaf_valid.shape[0]
+                                - 1)
+        sums[valid] = self._items.vectors(ranks)
+        sums, counts = _sum_pairs(sums, valid.astype(np.int64), self.depth - level)
+        means = np.zeros((positions.shape[0], self.dim), dtype=np.float32)
+        present = counts > 0
+        means[present] = sums[present] / counts[present, None]
+        return means
+
+    @property
+    def node_vectors(self) -> np.ndarray:
+        """float32 ``[2**(L + 1) - 1, D]``: every node's vector (:meth:`vectors_of`), as one
+        heap array, built on first access and kept; for trees of at most
+        :data:`MAX_DENSE_NODE_BYTES` (larger ones: use :meth:`vectors_of` on the nodes needed).
+        """
+        if self._dense is None:
+            size = self.num_nodes * self.dim * 4
+            if size > MAX_DENSE_NODE_BYTES:
+                raise ValueError(
+                    f"node_vectors of this tree would be a float32 [{self.num_nodes}, "
+                    f"{self.dim}] array of {size / 2**30:.1f} GiB (more than "
+                    f"MAX_DENSE_NODE_BYTES = {MAX_DENSE_NODE_BYTES / 2**30:.0f} GiB); use "
+                    "IndexTree.vectors_of(node_ids) for the nodes you need."
+                )
+            dense = np.empty((self.num_nodes, self.dim), dtype=np.float32)
+            stored = self._node_means.shape[0]
+            dense[:stored] = self._node_means
+            for begin in range(stored, self.num_nodes, _COMPUTE_NODES):
+                end = min(begin + _COMPUTE_NODES, self.num_nodes)
+                dense[begin:end] = self.vectors_of(np.arange(begin, end))
+            self._dense = dense
+        return self._dense
 
     # ------------------------------------------------------------------------------ items
 
@@ -460,10 +1159,9 @@ class IndexTree:
         if not isinstance(rng, np.random.Generator):
             raise ValueError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}.")
         nodes = self._check_nodes(positive_nodes, "positive_nodes")
-        if np.any(~self.node_valid[nodes]):
-            raise ValueError(
-                f"positive_nodes holds padding slots {nodes[~self.node_valid[nodes]][:5].tolist()}."
-            )
+        padding = ~self._holds_items(nodes)
+        if np.any(padding):
+            raise ValueError(f"positive_nodes holds padding slots {nodes[padding][:5].tolist()}.")
         level = np.searchsorted(self.level_starts, nodes, side="right") - 1
         at_leaf = level == self.depth
         size = np.where(at_leaf, self.num_items, np.int64(1) << level)
@@ -488,34 +1186,128 @@ class IndexTree:
     # ------------------------------------------------------------------------------ io
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the tree to ``path`` (a ``.npz``; NumPy appends the suffix if missing)."""
-        np.savez(
-            path,
-            format_version=np.int64(_FORMAT_VERSION),
-            node_vectors=self.node_vectors,
-            leaf_item_ids=self.leaf_item_ids,
-            leaf_valid=self.leaf_valid,
-        )
+        """Writes the tree's compact form to ``path`` (an uncompressed ``.npz``; the suffix is
+        appended if missing, as NumPy does).
+
+        Members: ``format_version``, ``leaf_item_ids``, ``leaf_valid``, ``node_means``,
+        ``item_vectors`` (the items' float32 vectors or int8 codes, in leaf order) and, for
+        codes, ``item_scale``. Arrays are streamed into the archive ``_ROW_CHUNK`` rows at a
+        time: writing needs no copy of the tree (the items are gathered into leaf order chunk
+        by chunk).
+        """
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            path += ".npz"
+        items = self._items
+        arrays: dict[str, tuple[tuple[int, ...], np.dtype, Callable[[int, int], np.ndarray]]] = {
+            "format_version": ((), np.dtype(np.int64),
+                               lambda a, b: np.array(_FORMAT_VERSION, np.int64)),
+            "leaf_item_ids": _rows_of(self.leaf_item_ids),
+            "leaf_valid": _rows_of(self.leaf_valid),
+            "node_means": _rows_of(self._node_means),
+            "item_vectors": (
+                (self.num_items, self.dim), items.table.dtype,
+                lambda a, b: np.ascontiguousarray(
+                    items.table[a:b] if items.rows is None else np.take(
+                        items.table, items.rows[a:b], axis=0)),
+            ),
+        }
+        if items.scale is not None:
+            arrays["item_scale"] = _rows_of(items.scale)
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, (shape, dtype, rows) in arrays.items():
+                with zf.open(name + ".npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array_header_2_0(member, {
+                        "descr": np.lib.format.dtype_to_descr(dtype),
+                        "fortran_order": False, "shape": shape})
+                    total = shape[0] if shape else 1
+                    for begin in range(0, total, _ROW_CHUNK):
+                        end = min(begin + _ROW_CHUNK, total)
+                        member.write(np.asarray(rows(begin, end), dtype=dtype).tobytes())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> IndexTree:
-        """Reads a tree written by :meth:`save` (bit-exact round trip)."""
+        """Reads a tree written by :meth:`save` (bit-exact round trip), or a version-1 file
+        (the whole ``node_vectors`` heap array). Each array is read once, into its final
+        place (no second copy)."""
         with np.load(path, allow_pickle=False) as data:
-            missing = {"format_version", "node_vectors", "leaf_item_ids", "leaf_valid"} - set(
-                data.files
-            )
-            if missing:
-                raise ValueError(f"{os.fspath(path)} is not an IndexTree file; missing {missing}.")
+            if "format_version" not in data.files:
+                raise ValueError(f"{os.fspath(path)} is not an IndexTree file; missing "
+                                 "{'format_version'}.")
             version = int(data["format_version"])
-            if version != _FORMAT_VERSION:
+            required = {
+                1: {"node_vectors", "leaf_item_ids", "leaf_valid"},
+                2: {"node_means", "item_vectors", "leaf_item_ids", "leaf_valid"},
+            }.get(version)
+            if required is None:
                 raise ValueError(
                     f"{os.fspath(path)} has IndexTree format version {version}; this code "
-                    f"reads version {_FORMAT_VERSION}."
+                    f"reads versions 1 and {_FORMAT_VERSION}."
                 )
-            return cls(data["node_vectors"], data["leaf_item_ids"], data["leaf_valid"])
+            missing = required - set(data.files)
+            if missing:
+                raise ValueError(f"{os.fspath(path)} is not an IndexTree file; missing {missing}.")
+            if version == 1:
+                return cls(data["node_vectors"], data["leaf_item_ids"], data["leaf_valid"])
+            return cls.from_parts(
+                data["leaf_item_ids"], data["leaf_valid"], data["node_means"],
+                data["item_vectors"],
+                item_scale=data["item_scale"] if "item_scale" in data.files else None,
+            )
 
     def __repr__(self) -> str:
         return (
             f"IndexTree(num_items={self.num_items}, depth={self.depth}, "
             f"num_nodes={self.num_nodes}, dim={self.dim})"
         )
+
+
+def _rows_of(
+    array: np.ndarray,
+) -> tuple[tuple[int, ...], np.dtype, Callable[[int, int], np.ndarray]]:
+    """``(shape, dtype, rows(a, b))`` of an in-memory array, for :meth:`IndexTree.save`."""
+    return array.shape, array.dtype, lambda a, b: np.ascontiguousarray(array[a:b])
+
+
+def _node_means(
+    items: _ItemVectors, leaf_valid: np.ndarray, depth: int, stored_depth: int, pool: _Workers
+) -> np.ndarray:
+    """float32 ``[2**(K + 1) - 1, D]``: means of the nodes of levels ``0 .. K`` (``K =
+    stored_depth``) over ``items`` in leaf order, by float64 sums of sibling pairs from the
+    leaves up (``2**_SUM_GROUP_LEVELS`` leaf slots at a time, in parallel), so each is the mean
+    :meth:`IndexTree.vectors_of` would compute."""
+    dim = items.dim
+    means = np.zeros(((2 << stored_depth) - 1 if stored_depth >= 0 else 0, dim), np.float32)
+    if stored_depth < 0:
+        return means
+    # Groups are the subtrees of one level, at most 2**_SUM_GROUP_LEVELS slots each.
+    root_level = depth - min(depth - stored_depth, _SUM_GROUP_LEVELS)
+    span = 1 << (depth - root_level)
+    slots_valid = leaf_valid.reshape(-1, span)
+    ranks = np.concatenate([[0], np.cumsum(slots_valid.sum(axis=1))])
+    root_sums = np.zeros((1 << root_level, dim), np.float64)
+    root_counts = np.zeros(1 << root_level, np.int64)
+
+    def store(level: int, first_position: int, sums: np.ndarray, counts: np.ndarray) -> None:
+        if level <= stored_depth:
+            begin = (1 << level) - 1 + first_position
+            means[begin : begin + sums.shape[0]] = sums / np.maximum(counts, 1)[:, None]
+
+    def reduce_groups(bounds: tuple[int, int]) -> None:
+        for group in range(bounds[0], bounds[1]):
+            valid = slots_valid[group]
+            sums = np.zeros((span, dim), np.float64)
+            sums[valid] = items.vectors(slice(int(ranks[group]), int(ranks[group + 1])))
+            sums, counts = _sum_pairs(
+                sums, valid.astype(np.int64), depth - root_level,
+                lambda step, s, c, group=group: store(depth - step, group * (span >> step), s, c),
+            )
+            root_sums[group] = sums[0]
+            root_counts[group] = counts[0]
+
+    num_groups = 1 << root_level
+    cuts = [num_groups * w // pool.count for w in range(pool.count + 1)]
+    pool.map(reduce_groups, [(a, b) for a, b in itertools.pairwise(cuts) if b > a])
+    _sum_pairs(root_sums, root_counts, root_level,
+               lambda step, s, c: store(root_level - step, 0, s, c))
+    return means

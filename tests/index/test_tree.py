@@ -1,12 +1,17 @@
-"""Tests for muse_tf.index.tree.IndexTree: layout, balance, node means, helpers, save/load."""
+"""Tests for muse_tf.index.tree.IndexTree: layout, balance, node means, helpers, save/load,
+the int8 build, compact node storage and the streamed (memory-bounded) build path."""
 
 from __future__ import annotations
 
 import math
+import zipfile
 
 import numpy as np
 import pytest
 
+from muse_tf.embeddings.arrays import code_inverse_norms
+from muse_tf.index import tree as tree_module
+from muse_tf.index import tree_bench
 from muse_tf.index.tree import IndexTree
 
 
@@ -223,3 +228,221 @@ def test_build_is_deterministic_for_a_seed():
     second = IndexTree.build(embeddings, item_ids, seed=3)
     np.testing.assert_array_equal(first.leaf_item_ids, second.leaf_item_ids)
     np.testing.assert_array_equal(first.node_vectors, second.node_vectors)
+
+
+# ---------------------------------------------------------------------------- reference build
+
+
+def reference_leaf_order(x: np.ndarray, seed: int = 0, num_iters: int = 5) -> np.ndarray:
+    """The build rule of IndexTree.build, node by node in float64 (a plain statement of it):
+    row indices of ``x`` in leaf order."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    depth = (n - 1).bit_length()
+    rng = np.random.default_rng(seed)
+    counts = [np.array([n])]
+    for _ in range(depth):
+        counts.append(np.stack([(counts[-1] + 1) // 2, counts[-1] // 2], axis=1).reshape(-1))
+    firsts = [rng.integers(0, counts[level]) for level in range(depth)]
+    nodes = [np.arange(n)]
+    for level in range(depth):
+        children = []
+        for s, items in enumerate(nodes):
+            v = x[items]
+            m = v.shape[0]
+            sq = (v * v).sum(axis=1)
+            a = int(np.argmax(sq - 2 * v @ v[firsts[level][s]]))
+            b = int(np.argmax(sq - 2 * v @ v[a]))
+            c_a, c_b = v[a], v[b]
+            previous = None
+            for iteration in range(num_iters):
+                closeness = v @ (c_a - c_b) - 0.5 * (c_a @ c_a - c_b @ c_b)
+                order = np.argsort(-closeness, kind="stable")
+                if m % 2 and closeness[order[m // 2]] < 0:
+                    order = order[::-1]
+                left = np.zeros(m, dtype=bool)
+                left[order[: (m + 1) // 2]] = True
+                if previous is not None and np.array_equal(left, previous):
+                    break
+                previous = left
+                if iteration == num_iters - 1:
+                    break
+                c_a = v[left].mean(axis=0)
+                c_b = v[~left].mean(axis=0) if m > 1 else c_a
+            children += [items[order[: (m + 1) // 2]], items[order[(m + 1) // 2 :]]]
+        nodes = children
+    return np.concatenate(nodes)
+
+
+def unit_codes(n: int, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random int8 codes (no zero rows) and their float32 unit vectors ``c * (1 / ||c||)``."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-38, 39, size=(n, dim), dtype=np.int8)
+    codes[:, 0] |= 1  # never all zero
+    return codes, codes.astype(np.float32) * code_inverse_norms(codes)[:, None]
+
+
+@pytest.mark.parametrize(
+    ("n", "block_rows", "workers"),
+    [(2, 1, 1), (3, 1, 1), (37, 4096, 1), (513, 4096, 2), (1500, 4096, 1), (37, 5, 1),
+     (513, 40, 2), (1500, 100, 2)],
+)
+def test_build_follows_the_reference_rule(n, block_rows, workers):
+    # Block-only (block_rows >= n) and streamed (small block_rows) paths, one or two threads.
+    embeddings, item_ids = random_items(n, dim=7, seed=n)
+    tree = IndexTree.build(embeddings, item_ids, seed=4, block_rows=block_rows, workers=workers)
+    expected = item_ids[reference_leaf_order(embeddings, seed=4)]
+    np.testing.assert_array_equal(tree.leaf_item_ids[tree.leaf_valid], expected)
+
+
+def test_streamed_path_with_tiny_pass_steps(monkeypatch):
+    # Streamed passes of 7 rows (the memory-bounded path at a small size): same tree.
+    monkeypatch.setattr(tree_module, "_PASS_ROWS", 7)
+    embeddings, item_ids = random_items(600, dim=9, seed=11)
+    stages = []
+    tree = IndexTree.build(embeddings, item_ids, block_rows=30, workers=2,
+                           on_stage=lambda name, seconds: stages.append(name))
+    reference = IndexTree.build(embeddings, item_ids)
+    np.testing.assert_array_equal(tree.leaf_item_ids, reference.leaf_item_ids)
+    np.testing.assert_allclose(tree.node_vectors, reference.node_vectors, rtol=0, atol=1e-6)
+    assert sum("streamed" in name for name in stages) == 5  # levels 0..4 hold > 30 items
+    assert any("blocks" in name for name in stages) and "node means" in stages
+
+
+@pytest.mark.parametrize("block_rows", [4096, 60])
+def test_codes_build_equals_float_build_of_unit_vectors(block_rows):
+    codes, unit = unit_codes(700, seed=1)
+    item_ids = np.arange(700, dtype=np.int64) * 3 + 5
+    from_codes = IndexTree.build_from_codes(codes, item_ids, block_rows=block_rows)
+    from_floats = IndexTree.build(unit, item_ids, block_rows=block_rows)
+    np.testing.assert_array_equal(from_codes.leaf_item_ids, from_floats.leaf_item_ids)
+    if block_rows >= 700:  # one in-memory block: the same numbers, bit for bit
+        np.testing.assert_array_equal(from_codes.node_vectors, from_floats.node_vectors)
+    else:  # streamed top levels differ from the float path only in rounding
+        np.testing.assert_allclose(from_codes.node_vectors, from_floats.node_vectors, atol=1e-6)
+    # The codes are kept by reference, with one inverse norm per item.
+    assert from_codes._items.table is codes
+    assert from_codes.nbytes < from_floats.nbytes
+
+
+def test_codes_by_row_index_equal_gathered_codes():
+    # A MultimodalCodes-like table: more rows than items, in another order.
+    codes, _ = unit_codes(300, seed=2)
+    rng = np.random.default_rng(0)
+    rows = rng.permutation(300)[:250]
+    item_ids = rng.choice(10**6, size=250, replace=False)
+    by_index = IndexTree.build_from_codes(codes, item_ids, code_rows=rows, seed=5)
+    gathered = IndexTree.build_from_codes(codes[rows], item_ids, seed=5)
+    np.testing.assert_array_equal(by_index.leaf_item_ids, gathered.leaf_item_ids)
+    np.testing.assert_array_equal(by_index.node_vectors, gathered.node_vectors)
+
+
+@pytest.mark.parametrize("computed_levels", [0, 2, 20])
+def test_vectors_of_are_exact_means_of_unit_vectors(computed_levels):
+    codes, unit = unit_codes(77, dim=6, seed=3)
+    item_ids = np.arange(1000, 1077)
+    tree = IndexTree.build_from_codes(codes, item_ids, computed_levels=computed_levels)
+    assert tree.stored_depth == max(tree.depth - 1 - computed_levels, -1)
+    row_of = {int(item): row for row, item in enumerate(item_ids)}
+    below = items_below(tree)
+    vectors = tree.vectors_of(np.arange(tree.num_nodes))
+    assert vectors.dtype == np.float32 and vectors.shape == (tree.num_nodes, 6)
+    for node, items in enumerate(below):
+        if not items:
+            np.testing.assert_array_equal(vectors[node], 0.0)
+            continue
+        # The float64 mean of the float32 unit vectors: float32's rounding is the only error.
+        expected = unit[[row_of[item] for item in items]].astype(np.float64).mean(axis=0)
+        np.testing.assert_allclose(vectors[node], expected, rtol=2**-23, atol=2**-26)
+    leaves = tree.leaf_of(item_ids)
+    np.testing.assert_array_equal(tree.vectors_of(leaves), unit)
+    # Any shape of node ids; node_vectors is the same heap array.
+    picked = np.array([[0, tree.num_nodes - 1], [5, 2]])
+    np.testing.assert_array_equal(tree.vectors_of(picked), vectors[picked])
+    np.testing.assert_array_equal(tree.node_vectors, vectors)
+
+
+def test_stored_and_computed_levels_give_identical_vectors():
+    embeddings, item_ids = random_items(150, dim=5, seed=12)
+    every = IndexTree.build(embeddings, item_ids, computed_levels=0)
+    few = IndexTree.build(embeddings, item_ids, computed_levels=6)
+    assert few._node_means.shape[0] == (1 << (few.depth - 6)) - 1 < every._node_means.shape[0]
+    np.testing.assert_array_equal(few.node_vectors, every.node_vectors)
+
+
+def test_node_vectors_of_a_large_tree_points_at_vectors_of(monkeypatch):
+    embeddings, item_ids = random_items(20, dim=4, seed=13)
+    tree = IndexTree.build(embeddings, item_ids)
+    monkeypatch.setattr(tree_module, "MAX_DENSE_NODE_BYTES", 100)
+    with pytest.raises(ValueError, match=r"float32 \[63, 4\].*vectors_of"):
+        _ = tree.node_vectors
+    assert tree.vectors_of(np.array([0])).shape == (1, 4)
+
+
+def test_codes_save_load_round_trip(tmp_path):
+    codes, _ = unit_codes(90, dim=8, seed=4)
+    item_ids = np.arange(90) + 7
+    tree = IndexTree.build_from_codes(codes, item_ids, computed_levels=2)
+    tree.save(tmp_path / "codes_tree")  # the suffix is appended
+    path = tmp_path / "codes_tree.npz"
+    with zipfile.ZipFile(path) as archive:  # uncompressed members, codes kept int8
+        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
+    loaded = IndexTree.load(path)
+    assert loaded._items.table.dtype == np.int8 and loaded._items.table.shape == (90, 8)
+    assert loaded.stored_depth == tree.stored_depth
+    np.testing.assert_array_equal(loaded.leaf_item_ids, tree.leaf_item_ids)
+    np.testing.assert_array_equal(loaded.vectors_of(np.arange(tree.num_nodes)),
+                                  tree.vectors_of(np.arange(tree.num_nodes)))
+    np.testing.assert_array_equal(loaded.ancestors(item_ids), tree.ancestors(item_ids))
+
+
+def test_version_1_files_still_load(tmp_path):
+    embeddings, item_ids = random_items(13, seed=14)
+    tree = IndexTree.build(embeddings, item_ids)
+    np.savez(tmp_path / "v1.npz", format_version=np.int64(1), node_vectors=tree.node_vectors,
+             leaf_item_ids=tree.leaf_item_ids, leaf_valid=tree.leaf_valid)
+    loaded = IndexTree.load(tmp_path / "v1.npz")
+    np.testing.assert_array_equal(loaded.node_vectors, tree.node_vectors)
+    # Saved again, it is a compact (version 2) file with the same vectors.
+    loaded.save(tmp_path / "v2.npz")
+    again = IndexTree.load(tmp_path / "v2.npz")
+    np.testing.assert_array_equal(again.node_vectors, tree.node_vectors)
+    np.testing.assert_array_equal(again.leaf_item_ids, tree.leaf_item_ids)
+
+
+@pytest.mark.parametrize(
+    ("codes", "kwargs", "match"),
+    [
+        (np.zeros((3, 4), np.int8), {}, "all-zero codes"),
+        (np.ones((3, 4), np.float32), {}, "codes must be int8"),
+        (np.ones((3, 4), np.int8), {"code_rows": np.array([0, 3])}, "code_rows must be rows"),
+        (np.ones((3, 4), np.int8), {"block_rows": 0}, "block_rows must be an int >= 1"),
+    ],
+)
+def test_build_from_codes_rejects_bad_input(codes, kwargs, match):
+    num_items = len(kwargs.get("code_rows", codes))
+    with pytest.raises(ValueError, match=match):
+        IndexTree.build_from_codes(codes, np.arange(num_items), **kwargs)
+
+
+def test_tree_bench_reports_every_stage():
+    result = tree_bench.run(3000, dim=8, num_clusters=16, block_rows=500, verbose=False)
+    assert result["items"] == 3000 and result["depth"] == 12
+    assert result["build_seconds"] > 0 and result["peak_rss_gib"] > 0
+    assert [name for name in result["stages"] if "streamed" in name] == [
+        "level 0 (streamed, 1 nodes)", "level 1 (streamed, 2 nodes)",
+        "level 2 (streamed, 4 nodes)"]
+    assert "node means" in result["stages"]
+    codes = tree_bench.clustered_codes(1000, dim=8, num_clusters=4)
+    assert codes.dtype == np.int8 and codes.shape == (1000, 8) and codes.any(axis=1).all()
+
+
+def test_tree_bench_builds_over_a_data_directorys_table(tiny_data_dir):
+    from muse_tf.data.artifacts import load_mm_embeddings
+    from muse_tf.embeddings.arrays import code_inverse_norms
+
+    _, codes = load_mm_embeddings(tiny_data_dir)
+    with_direction = int((code_inverse_norms(codes) > 0).sum())
+    result = tree_bench.run(0, verbose=False, data_dir=tiny_data_dir)
+    assert result["items"] == with_direction and result["dim"] == codes.shape[1]
+    assert result["depth"] == (with_direction - 1).bit_length()
