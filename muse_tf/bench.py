@@ -47,6 +47,8 @@ import numpy as np
 import tensorflow as tf
 
 from muse_tf import schema
+from muse_tf.bench_common import print_table as _print
+from muse_tf.bench_common import ranking_request as _ranking_request
 from muse_tf.profiling import reset_peak_rss, rss_bytes
 
 
@@ -59,19 +61,6 @@ def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> flo
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def _print(title: str, rows: list[dict[str, Any]]) -> None:
-    print(f"\n## {title}")
-    if not rows:
-        return
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in rows:
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()]
-        print("| " + " | ".join(cells) + " |")
-    sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------- data
@@ -273,24 +262,6 @@ def bench_mm_table(rows: int, dim: int = schema.MM_EMBEDDING_DIM, storage: str =
 
 
 # ----------------------------------------------------------------------------- serving
-def _ranking_request(examples: dict[str, np.ndarray], seq_len: int,
-                     candidates: int) -> dict[str, np.ndarray]:
-    """One user (row 0) whose history is its demo history repeated to ``seq_len``, and
-    ``candidates`` targets of other examples, built by the serving request builder."""
-    from muse_tf.export import requests
-
-    length = max(1, int(examples[schema.HISTORY_LENGTH][0]))
-    user = {f.name: int(examples[f.name][0]) for f in schema.USER_SIDE_FEATURES}
-    history = {f.name: np.resize(examples[f.name][0, :length], seq_len)
-               for f in schema.SEQUENCE_FEATURES}
-    rows = np.arange(candidates) % len(examples[schema.ITEM_ID.name])
-    picked = [{f.name: int(examples[f.name][r]) for f in schema.ITEM_SIDE_FEATURES}
-              for r in rows]
-    return requests.ranking_request(user, history[schema.HISTORY_ITEM_ID.name],
-                                    history[schema.HISTORY_CATEGORY.name], picked,
-                                    max_seq_len=seq_len, max_candidates=candidates)
-
-
 def bench_serving(work_dir: str, lengths: Sequence[int], data_dir: str | None = None,
                   candidates: int = 100, requests: int = 200,
                   concurrency: Sequence[int] = (1, 8)) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from muse_tf.bench_common import print_table
 from muse_tf.profiling import TreeRssSampler
 
 STAGES = ("generate", "beam", "train", "serve", "tree")
@@ -75,7 +76,7 @@ def _serve(export_base: str, data_dir: str, seq_len: int, log_path: str) -> list
     """Starts the local server on the export; load time, RSS, first and median answer."""
     import socket
 
-    from muse_tf.bench import _ranking_request
+    from muse_tf.bench_common import ranking_request
     from muse_tf.data.data_dir import DataDir
     from muse_tf.export import ranking as export
     from muse_tf.export.names import RANKING_MODEL_NAME
@@ -88,7 +89,7 @@ def _serve(export_base: str, data_dir: str, seq_len: int, log_path: str) -> list
                "--model_base_path", export_base, "--port", str(port), "--host", "127.0.0.1"]
     print(f"[scale] serve: {' '.join(command)}", flush=True)
     examples = export.warmup_batch(DataDir.open(data_dir), seq_len)
-    inputs = _ranking_request(examples, seq_len, 100)
+    inputs = ranking_request(examples, seq_len, 100)
     start = time.perf_counter()
     log = open(log_path, "w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -135,8 +136,6 @@ def bench_scale(items: int, users: int, samples: int, seq_len: int, work_dir: st
                 raw_dir: str | None = None, stages: Sequence[str] = STAGES,
                 train_steps: int = 50, experiment: str = "muse") -> list[dict[str, Any]]:
     """Runs the ``stages`` in order; returns one row per stage (and per training part)."""
-    from muse_tf.bench import _print
-
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; known: {list(STAGES)}")
@@ -198,7 +197,7 @@ def bench_scale(items: int, users: int, samples: int, seq_len: int, work_dir: st
     if "tree" in stages:
         record(_run("tree", [python, "-m", "muse_tf.index.tree_bench", "--data", data],
                     os.path.join(logs, "tree.log")), "tree")
-    _print(f"scale: {items:,} items, {users:,} users, {samples:,} samples, L = {seq_len} "
+    print_table(f"scale: {items:,} items, {users:,} users, {samples:,} samples, L = {seq_len} "
            f"(each stage its own process; peak = summed RSS of its process tree)",
            [{k: v for k, v in r.items() if k not in ("log", "log_tail")} for r in rows])
     return rows

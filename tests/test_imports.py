@@ -15,7 +15,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("muse_tf", "beam", "serving")
 #: Entry points of muse_tf that may drive the offline pipeline or the server.
-ENTRY_POINTS = {"muse_tf.demo", "muse_tf.bench"}
+ENTRY_POINTS = {"muse_tf.demo", "muse_tf.bench", "muse_tf.bench_scale"}
 
 
 def _module_name(path: pathlib.Path) -> str:
