@@ -5,6 +5,10 @@ generator -> Beam pipeline -> TFRecords, cached), trains ``muse``, evaluates on 
 prints a summary table and writes ``metrics.json``, the resolved config, TensorBoard logs,
 checkpoints and a TF Serving export into the model directory. Retrieval experiments
 (``miss_retrieval``, ``two_tower``) run the same way.
+
+With ``--strategy multi_worker`` the same command runs on every worker (each with its
+TF_CONFIG); the chief (worker 0, or the ``chief`` task) writes the model directory and prints
+the table, every other worker says which task it was and where the chief writes.
 """
 
 from __future__ import annotations
@@ -90,6 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # TensorFlow's read errors do not say which shard is corrupt: find and name it.
     with reader.naming_unreadable_shards(data, *layout.SPLITS):
         result = run_experiment(config, model_dir, data)
+    worker = result.get("worker")
+    if worker is not None and not worker["chief"]:
+        # This worker's figures equal the chief's; the model directory is the chief's.
+        print(f"\n{worker['task']} of {worker['num_workers']} workers: done (trained, "
+              f"evaluated and exported in step with the chief, {worker['chief_task']}; "
+              f"this worker's scratch copy is removed).\nThe chief writes metrics.json, "
+              f"the checkpoints and the export into: {model_dir}")
+        return 0
     print()
     print(summary_table(result))
     print(f"\ndata: {result['data_dir']}\nmodel dir: {model_dir}")

@@ -42,6 +42,11 @@ def test_every_registered_experiment_trains_a_step_and_evaluates(name, tiny_data
         saved = json.load(f)
     assert set(saved["test"]) >= {"auc", "gauc", "logloss", "examples"}
     assert "train_examples_per_sec" in saved
+    # Wall seconds and peak RSS of each part of the run (export only when it is on).
+    parts = ["prepare", "model build", "train", "test evaluation"]
+    assert list(saved["stages"])[:4] == parts
+    assert all(saved["stages"][p]["seconds"] > 0 and saved["stages"][p]["peak_rss_bytes"] > 0
+               for p in parts)
     resolved = config_lib.load_yaml(os.path.join(str(tmp_path), runs.CONFIG_FILE))
     assert resolved["model"]["top_k"] == 4 and resolved["name"] == name
 

@@ -46,6 +46,7 @@ from muse_tf.export.publish import (
     spec_info,
     version_dirs,
 )
+from muse_tf.export.retrieval import without_keras_traces
 from muse_tf.export.signatures import SCORES, checked_inputs, ranking_input_signature
 from muse_tf.export.warmup import WARMUP_FILE, write_warmup
 from muse_tf.models.factory import build_ranking_model
@@ -113,7 +114,8 @@ def export_ranking_model(model: tf.keras.Model, config: config_lib.ExperimentCon
         data = DataDir.open(data or config.data.data_dir)
         max_seq_len = max_seq_len or runs.max_seq_len_of(config, data)
     module = RankingServingModule(model, max_seq_len, max_candidates, max_batch_size)
-    tf.saved_model.save(module, tmp_dir, signatures={SIGNATURE_NAME: module.serve})
+    with without_keras_traces():  # the signature serves; Keras reloading is not needed
+        tf.saved_model.save(module, tmp_dir, signatures={SIGNATURE_NAME: module.serve})
     if warmup_examples is None:
         warmup_examples = warmup_batch(data, max_seq_len)
     warmup = requests.ranking_requests_from_examples(

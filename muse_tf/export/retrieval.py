@@ -61,6 +61,7 @@ __all__ = [
     "export_retrieval",
     "serving_signature",
     "warmup_requests",
+    "without_keras_traces",
 ]
 
 EXPORT_DIR = names.EXPORT_DIR
@@ -96,10 +97,10 @@ class RetrievalServingModule(tf.Module):
         return {ITEM_IDS: tf.cast(ids, tf.int64), SCORES: tf.cast(scores, tf.float32)}
 
 
-def _without_keras_traces() -> contextlib.AbstractContextManager:
+def without_keras_traces() -> contextlib.AbstractContextManager:
     """Saving skips tf-keras's per-layer call traces (only needed to reload the layers as
-    Keras objects; serving uses the signature), which makes the export about 4x faster.
-    Falls back to a normal save if tf-keras moves the option."""
+    Keras objects; serving uses the signature), which makes the export about 4x faster (the
+    ranking export uses it too). Falls back to a normal save if tf-keras moves the option."""
     try:
         from tf_keras.src.saving.legacy.saved_model import utils as keras_saved_model_utils
 
@@ -153,7 +154,7 @@ def export_retrieval(index: Any, model_root: str, *, k: int, max_seq_len: int,
         from muse_tf.index.scann_index import scann_save_options
 
         options = scann_save_options()
-    with _without_keras_traces():
+    with without_keras_traces():
         tf.saved_model.save(module, tmp_dir, signatures={SIGNATURE_NAME: module.serve},
                             options=options)
     model_name = os.path.basename(os.path.normpath(model_root))

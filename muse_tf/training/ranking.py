@@ -5,8 +5,8 @@ AUC/GAUC/logloss on the test split, export for TF Serving.
 Writes into the model directory: ``config.yaml`` (the resolved config), ``vocab/``,
 ``checkpoints/ckpt-PP`` (per period; with validation only the improving ones, so the latest
 is the best), ``logs/`` (TensorBoard, with ``val_gauc``/``val_auc``/``val_logloss`` per
-period), ``test_predictions.npz``, ``metrics.json`` and, with ``train.export``,
-``export/ranker/<version>/``.
+period), ``test_predictions.npz``, ``metrics.json`` (``stages``: wall seconds and peak RSS
+of each part of the run) and, with ``train.export``, ``export/ranker/<version>/``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,16 @@ from muse_tf import config as config_lib
 from muse_tf.data import reader
 from muse_tf.data.data_dir import DataDir
 from muse_tf.models.factory import build_ranking_model
+from muse_tf.profiling import StageTimer
 from muse_tf.training import evaluation, runs
-from muse_tf.training.strategy import is_chief, make_strategy, shard_for_strategy, work_dir
+from muse_tf.training.strategy import (
+    finish_workers,
+    is_chief,
+    make_strategy,
+    make_work_dir,
+    shard_for_strategy,
+    worker_role,
+)
 
 PREDICTIONS_FILE = "test_predictions.npz"
 
@@ -108,15 +116,24 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
     not improved for ``train.patience`` periods, and the best period's weights are restored
     (and saved as the latest checkpoint) before the test evaluation and the export. With 0,
     exactly ``train.epochs`` epochs over the whole train split.
+
+    Under ``train.strategy=multi_worker`` every worker runs all of this in step (training,
+    validation, the test evaluation and the export are collective,
+    :mod:`muse_tf.training.strategy`); only the chief writes the model directory
+    (checkpoints, logs, ``metrics.json``, the export), the others write into scratch
+    directories they remove, and every worker's result has ``worker`` (its task, the chief's
+    and the number of workers).
     """
     config.validate()
     if config.task != "ranking":
         raise ValueError(f"{config.name}: task {config.task!r} is not a ranking task; run it "
                          "with muse_tf.training.experiment.run_experiment")
-    data = runs.prepare_run(config, model_dir, data)
+    stages = StageTimer()
+    with stages("prepare"):
+        data = runs.prepare_run(config, model_dir, data)
     strategy = make_strategy(config.train.strategy)
     chief = is_chief(strategy)
-    out_dir = work_dir(model_dir, chief)
+    out_dir = make_work_dir(model_dir, strategy)
     seq_len = runs.max_seq_len_of(config, data)
     batch = config.data.batch_size
     users = validation_split_of(config)
@@ -125,8 +142,9 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
         config, data, seq_len, batch, users,
         examples=None if counts is None else counts.train_examples,
         resume_model_dir=model_dir, chief=chief)
-    model = runs.compiled_model(config, strategy,
-                                lambda: build_ranking_model(config, data, out_dir), train_ds)
+    with stages("model build"):
+        model = runs.compiled_model(config, strategy,
+                                    lambda: build_ranking_model(config, data, out_dir), train_ds)
     validation: list[tf.keras.callbacks.Callback] = []
     validator = early_stopping = None
     if users is not None:
@@ -145,7 +163,7 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
     if resume is not None and config.train.verbose:
         resume.announce(config.name)
     start = time.perf_counter()
-    with reader.naming_unreadable_shards(data, "train"):
+    with stages("train"), reader.naming_unreadable_shards(data, "train"):
         history = model.fit(train_ds, epochs=schedule.periods,
                             steps_per_epoch=schedule.period_steps, callbacks=callbacks,
                             verbose=config.train.verbose)
@@ -157,9 +175,10 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
     test_ds = reader.make_dataset(data, "test", config.data.eval_batch_size,
                                   max_seq_len=seq_len, shuffle=False, deterministic=True)
     eval_start = time.perf_counter()
-    predictions = evaluation.predict_split(model, test_ds, config.train.max_eval_steps,
-                                           step=None if validator is None else validator.step,
-                                           data=data, split="test")
+    with stages("test evaluation"):
+        predictions = evaluation.predict_split(
+            model, test_ds, config.train.max_eval_steps,
+            step=None if validator is None else validator.step, data=data, split="test")
     eval_seconds = time.perf_counter() - eval_start
     test = evaluation.evaluate_predictions(predictions)
     test["examples_per_sec"] = test["examples"] / eval_seconds if eval_seconds else None
@@ -205,14 +224,26 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
         })
     else:
         result["train_examples"] = data.num_examples("train")
-    if chief and config.train.export:
+    role = worker_role(strategy)
+    if role is not None:
+        result["worker"] = role.as_dict()
+    if config.train.export:
         from muse_tf.export.ranking import export_ranking_model
 
-        result["export_dir"] = export_ranking_model(model, config, model_dir,
-                                                    max_seq_len=seq_len, data=data)
+        # On every worker: saving is collective under multi_worker (muse_tf.training.strategy);
+        # the other workers' copies go to their scratch directories, removed below.
+        with stages("export"):
+            export_dir = export_ranking_model(model, config, out_dir, max_seq_len=seq_len,
+                                              data=data)
+        if chief:
+            result["export_dir"] = export_dir
+    # Per part of the run: wall seconds and this process's peak RSS within it (the training
+    # part includes the validation passes).
+    result["stages"] = stages.as_dict()
     if chief:
         np.savez_compressed(os.path.join(model_dir, PREDICTIONS_FILE), **predictions)
         runs.write_metrics(model_dir, result)
+    finish_workers(strategy, model_dir)
     return result
 
 

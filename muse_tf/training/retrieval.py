@@ -88,7 +88,13 @@ from muse_tf.training.retrieval_data import (
     training_dataset,
 )
 from muse_tf.training.step import TwoOptimizerModel
-from muse_tf.training.strategy import is_chief, make_strategy, work_dir
+from muse_tf.training.strategy import (
+    finish_workers,
+    is_chief,
+    make_strategy,
+    make_work_dir,
+    worker_role,
+)
 
 __all__ = ["TREE_FILE", "Catalogue", "click_counts", "run_retrieval", "summary_table"]
 
@@ -111,7 +117,13 @@ class _Run:
         self.config = config
         self.model_dir = model_dir
         self.data = runs.prepare_run(config, model_dir, data_dir)
-        self.tables: ItemTables = build_item_tables(config, self.data, model_dir)
+        # Before the first TensorFlow op: multi_worker configures the collectives at start-up.
+        self.strategy = make_strategy(config.train.strategy)
+        self.chief = is_chief(self.strategy)
+        self.role = worker_role(self.strategy)
+        #: The model directory on the chief, a scratch directory on the other workers.
+        self.out_dir = make_work_dir(model_dir, self.strategy)
+        self.tables: ItemTables = build_item_tables(config, self.data, self.out_dir)
         self.catalogue = Catalogue(self.tables.mm_ids, self.tables.mm_vectors)
         if len(self.catalogue) < 2:
             raise ValueError(f"{self.data.path}: the multimodal table holds "
@@ -131,8 +143,6 @@ class _Run:
             print(f"[{config.name}] {self.clicks.clicks_not_in_index} of "
                   f"{self.clicks.clicks_seen} clicked train impressions have an item without "
                   "a multimodal embedding (not in the index): not trained on", flush=True)
-        self.strategy = make_strategy(config.train.strategy)
-        self.chief = is_chief(self.strategy)
 
     def fit(self, build: Callable[[], TwoOptimizerModel], keep: KeepFn,
             add_targets: Callable | None = None) -> tuple[TwoOptimizerModel, dict[str, Any]]:
@@ -145,8 +155,7 @@ class _Run:
         dataset = training_dataset(config, self.data, self.seq_len, keep, add_targets,
                                    skip_batches=0 if point is None else point.steps_done)
         model = runs.compiled_model(config, self.strategy, build, dataset)
-        out_dir = work_dir(self.model_dir, self.chief)
-        throughput, callbacks = runs.fit_callbacks(out_dir, config.data.batch_size,
+        throughput, callbacks = runs.fit_callbacks(self.out_dir, config.data.batch_size,
                                                    resume=resume)
         if resume is not None and config.train.verbose:
             resume.announce(config.name)
@@ -210,10 +219,24 @@ class _Run:
             "train_steps_per_epoch": training["train_steps_per_epoch"],
             "index": {**index, "catalogue_rows_without_vector": self.catalogue.dropped},
             "data_dir": self.data.path, "max_seq_len": self.seq_len,
+            **({"worker": self.role.as_dict()} if self.role is not None else {}),
         }
 
     def export_dir(self, model_name: str) -> str:
-        return names.retrieval_base_path(self.model_dir, model_name)
+        """Where this worker exports ``model_name`` (every worker exports: saving is
+        collective under multi_worker; the chief into the model directory, the others into
+        their scratch directories)."""
+        return names.retrieval_base_path(self.out_dir, model_name)
+
+    def end(self, result: dict[str, Any], export_dirs: dict[str, str] | None) -> dict[str, Any]:
+        """The chief writes ``metrics.json`` (with the export directories); then every
+        worker meets the others (:func:`~muse_tf.training.strategy.finish_workers`)."""
+        if self.chief:
+            if export_dirs is not None:
+                result["export_dirs"] = export_dirs
+            runs.write_metrics(self.model_dir, result)
+        finish_workers(self.strategy, self.model_dir)
+        return result
 
 
 def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
@@ -279,15 +302,13 @@ def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
         "nodes": tree.num_nodes, "build_seconds": tree_seconds,
         "beam_width": retrieval.beam_width, "top_n": top_n,
         "start_level": levels[0] if levels else None})
-    if run.chief and config.train.export:
-        result["export_dirs"] = {
-            retrieval_export.MISS_MODEL_NAME: retrieval_export.export_retrieval(
-                index, run.export_dir(retrieval_export.MISS_MODEL_NAME), k=top_n,
-                max_seq_len=run.seq_len, warmup_features=run.warmup_features(),
-                max_batch_size=config.train.export_max_batch_size)}
-    if run.chief:
-        runs.write_metrics(model_dir, result)
-    return result
+    dirs = None
+    if config.train.export:
+        dirs = {retrieval_export.MISS_MODEL_NAME: retrieval_export.export_retrieval(
+            index, run.export_dir(retrieval_export.MISS_MODEL_NAME), k=top_n,
+            max_seq_len=run.seq_len, warmup_features=run.warmup_features(),
+            max_batch_size=config.train.export_max_batch_size)}
+    return run.end(result, dirs)
 
 
 def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
@@ -359,7 +380,8 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
     result = run.finish(test, training, index={
         "kind": "factorized", "items": len(catalogue), "tower_dim": retrieval.tower_dim,
         "candidate_embedding_seconds": candidate_seconds, "top_n": top_n})
-    if run.chief and config.train.export:
+    dirs = None
+    if config.train.export:
         warmup = run.warmup_features()
         dirs = {retrieval_export.BRUTE_FORCE_MODEL_NAME: retrieval_export.export_retrieval(
             brute_force, run.export_dir(retrieval_export.BRUTE_FORCE_MODEL_NAME),
@@ -370,10 +392,7 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
                 scann_layer, run.export_dir(retrieval_export.SCANN_MODEL_NAME),
                 k=top_n, max_seq_len=run.seq_len, scann=True, warmup_features=warmup,
                 max_batch_size=config.train.export_max_batch_size)
-        result["export_dirs"] = dirs
-    if run.chief:
-        runs.write_metrics(model_dir, result)
-    return result
+    return run.end(result, dirs)
 
 
 def run_retrieval(config: config_lib.ExperimentConfig, model_dir: str,

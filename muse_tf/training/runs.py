@@ -20,6 +20,7 @@ from muse_tf import config as config_lib
 from muse_tf.data.data_dir import DataDir
 from muse_tf.training import evaluation
 from muse_tf.training.step import TwoOptimizerModel
+from muse_tf.training.strategy import barrier
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -180,6 +181,17 @@ class _TimedBackup(tf.keras.callbacks.BackupAndRestore):
             self._backup(epoch=self._current_epoch, batch=batch)
             self._last = time.monotonic()
 
+    def on_train_end(self, logs: dict | None = None) -> None:
+        state = self._training_state
+        own = state.write_checkpoint_manager.directory
+        shared = state.read_checkpoint_manager.directory
+        super().on_train_end(logs)  # removes the chief's backup
+        # A non-chief worker backs up into its own workertemp_<id> (on its own disk without a
+        # shared file system), which Keras leaves: remove it (before the chief removes the
+        # whole backup directory, _RunState.on_train_end).
+        if own != shared and tf.io.gfile.exists(own):
+            tf.io.gfile.rmtree(own)
+
     def back_up_period(self, epoch: int) -> None:
         """Back up the end of Keras epoch ``epoch`` (a resumed run starts the next one)."""
         self._training_state._ckpt_saved_batch.assign(self.period_steps - 1)
@@ -274,7 +286,8 @@ class Resume:
         tf.io.gfile.rename(tmp, self.state_path, overwrite=True)
 
     def remove(self) -> None:
-        """Remove the backup (the run ended normally)."""
+        """Remove the backup (the run ended normally): the chief does, once every worker is
+        past its last backup (:class:`_RunState` waits for them)."""
         if self.chief and tf.io.gfile.exists(self.backup_dir):
             tf.io.gfile.rmtree(self.backup_dir)
 
@@ -353,6 +366,9 @@ class _RunState(tf.keras.callbacks.Callback):
         self.resume.backup.back_up_period(epoch)
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        # The other workers may still be writing their part of the last backup (into the
+        # backup directory's workertemp_<id>): the chief removes it once all have finished.
+        barrier(self.model.distribute_strategy)
         self.resume.remove()
 
 
