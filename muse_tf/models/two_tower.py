@@ -50,6 +50,7 @@ from muse_tf import schema
 from muse_tf.config import ModelConfig
 from muse_tf.embeddings import MultimodalCodes, Vocabulary
 from muse_tf.embeddings.feature_embeddings import MM_VALID, VALID, FeatureEmbeddings
+from muse_tf.index.brute_force import aligned_empty
 from muse_tf.layers.masking import masked_mean
 from muse_tf.layers.search_unit import ID, MM
 from muse_tf.training.step import TwoOptimizerModel
@@ -235,15 +236,37 @@ class TwoTowerModel(TwoOptimizerModel):
         global_batch = tf.cast(tf.shape(queries)[0] * replicas, loss.dtype)
         return loss / tf.maximum(global_batch, 1.0)
 
-    def candidate_embeddings(self, item_ids: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-        """Item-tower embeddings of ``item_ids`` int64 ``[N]``: float32 ``[N, tower_dim]``."""
+    def candidate_embeddings(self, item_ids: np.ndarray, batch_size: int = 8192,
+                             out: np.ndarray | None = None) -> np.ndarray:
+        """Item-tower embeddings of ``item_ids`` int64 ``[N]``: float32 ``[N, tower_dim]``.
+
+        Each batch of ``batch_size`` ids is written straight into its rows of one array
+        (``out``, or a new :func:`~muse_tf.index.brute_force.aligned_empty` one), so the
+        embeddings take ``N * tower_dim * 4`` bytes (4.5 GB for 35.4M items x 32) plus one
+        batch, never a list of parts and their concatenation (twice that). The new array is
+        64-byte aligned, so :func:`~muse_tf.index.brute_force.brute_force_index` shares it
+        instead of copying it. Returns the filled array.
+        """
         item_ids = np.asarray(item_ids, dtype=np.int64)
+        if item_ids.ndim != 1:
+            raise ValueError(f"candidate_embeddings: item ids must be [N], got shape "
+                             f"{item_ids.shape}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        shape = (len(item_ids), self.tower_dim)
+        if out is None:
+            out = aligned_empty(shape, np.float32)
+        elif (not isinstance(out, np.ndarray) or out.shape != shape
+              or out.dtype != np.float32 or not out.flags.writeable):
+            raise ValueError(f"out must be a writeable float32 array of shape {shape}, got "
+                             f"{type(out).__name__} {getattr(out, 'shape', None)} "
+                             f"{getattr(out, 'dtype', None)}")
         embed = tf.function(lambda ids: self.item_tower(ids, training=False),
                             input_signature=[tf.TensorSpec([None], tf.int64)], autograph=False)
-        parts = [embed(item_ids[i:i + batch_size]).numpy()
-                 for i in range(0, len(item_ids), batch_size)]
-        return (np.concatenate(parts) if parts
-                else np.zeros((0, self.tower_dim), np.float32))
+        for start in range(0, len(item_ids), batch_size):
+            stop = min(start + batch_size, len(item_ids))
+            out[start:stop] = embed(item_ids[start:stop])
+        return out
 
     def embedding_variables(self) -> list[tf.Variable]:
         """Trainable ID-embedding tables (their own learning rate)."""

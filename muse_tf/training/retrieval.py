@@ -353,13 +353,16 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
     test["index"] = "brute_force"
     scann_layer = None
     try:
-        from muse_tf.index.scann_index import scann_index
+        from muse_tf.index.scann_index import reordering_candidates, scaled_tree, scann_index
 
         start = time.perf_counter()
-        scann_layer = scann_index(candidates, catalogue.item_ids, top_n,
-                                  num_leaves=retrieval.scann_leaves,
-                                  num_leaves_to_search=retrieval.scann_leaves_to_search,
-                                  num_reordering_candidates=max(4 * top_n, 100),
+        # The configured tree up to 100^2 items, ~sqrt(N) leaves above (scaled_tree).
+        leaves, to_search = scaled_tree(len(catalogue), retrieval.scann_leaves,
+                                        retrieval.scann_leaves_to_search)
+        scann_layer = scann_index(candidates, catalogue.item_ids, top_n, num_leaves=leaves,
+                                  num_leaves_to_search=to_search,
+                                  num_reordering_candidates=reordering_candidates(
+                                      len(catalogue), top_n),
                                   query_model=model.user_tower)
         scann_build = time.perf_counter() - start
         scann_search = tf.function(lambda features: scann_layer(features, k=top_n),
@@ -371,9 +374,7 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
         overlap = np.mean([len(np.intersect1d(a, b)) / top_n for a, b in
                            zip(evaluation["retrieved"], scann_eval["retrieved"], strict=True)])
         scann_test.update(overlap_with_brute_force=float(overlap), build_seconds=scann_build,
-                          num_leaves=scann_layer.num_leaves,
-                          num_leaves_to_search=scann_layer.num_leaves_to_search,
-                          num_reordering_candidates=scann_layer.num_reordering_candidates)
+                          **scann_layer.describe())
         test["scann"] = scann_test
     except ImportError as err:
         test["scann"] = {"error": str(err)}

@@ -11,6 +11,7 @@ every epoch has the same number of steps and the progress bar a total.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ from muse_tf import schema
 from muse_tf.data import reader
 from muse_tf.data.data_dir import DataDir, split_files
 from muse_tf.embeddings.arrays import code_inverse_norms, in_sorted, normalise_rows
+from muse_tf.embeddings.id_lookup import DENSE_DELETED_KEY, DENSE_EMPTY_KEY
 from muse_tf.training.strategy import shard_for_strategy
 
 __all__ = ["Catalogue", "ClickCounts", "SamplingProbabilities", "click_counts",
@@ -33,6 +35,10 @@ MODEL_COLUMNS: tuple[str, ...] = (*schema.QUERY_FEATURES, schema.ITEM_ID.name)
 
 #: Rows normalised per step by :attr:`Catalogue.vectors`.
 _VECTOR_CHUNK_ROWS = 65536
+#: Ids inserted into :meth:`Catalogue.contains_op`'s table per step (8 MB of keys).
+_TABLE_INSERT_ROWS = 1 << 20
+#: The dense table's maximum load factor (the op's default): it is sized to stay below it.
+_TABLE_MAX_LOAD = 0.8
 #: ``keep(item_ids int64 [N]) -> bool [N]``: which clicked items a pipeline keeps.
 KeepFn = Callable[[tf.Tensor], tf.Tensor]
 
@@ -45,6 +51,8 @@ class Catalogue:
     :attr:`vectors` computes the float32 unit vectors ``[N, D]`` on each access, chunk by
     chunk, into one array of ``N * D * 4`` bytes (18 GB for TAOBAO-MM's 35.4M items; only
     the MISS tree build reads them, see :meth:`muse_tf.index.tree.IndexTree.build`).
+    :meth:`contains_op` holds the ids once more, in a hash table of 9 bytes per bucket (the
+    next power of two above ``N / 0.8`` buckets: 604 MB for 35.4M items).
     """
 
     def __init__(self, mm_ids: np.ndarray, mm_vectors: np.ndarray) -> None:
@@ -58,7 +66,7 @@ class Catalogue:
         self._codes = mm_vectors
         self.item_ids = mm_ids[self._index]
         self.dropped = int(len(mm_ids) - len(kept))
-        self._table: tf.lookup.StaticHashTable | None = None
+        self._table: tf.lookup.experimental.DenseHashTable | None = None
 
     @property
     def dim(self) -> int:
@@ -81,14 +89,40 @@ class Catalogue:
         return in_sorted(self.item_ids, item_ids)
 
     def contains_op(self, item_ids: tf.Tensor) -> tf.Tensor:
-        """:meth:`contains` in TF ops (a ``StaticHashTable``, built on first use), for
-        tf.data pipelines."""
+        """:meth:`contains` in TF ops, for tf.data pipelines: bool of the shape of
+        ``item_ids`` (int64).
+
+        The ids live in a ``DenseHashTable`` int64 -> bool, built and filled eagerly on first
+        use (also when that is while a tf.data function is traced), :data:`_TABLE_INSERT_ROWS`
+        ids at a time: never a graph constant of all N ids inside the pipeline's function.
+        The two keys such a table reserves (``DENSE_EMPTY_KEY``, ``DENSE_DELETED_KEY`` of
+        :mod:`muse_tf.embeddings.id_lookup`) are answered without it.
+        """
         if self._table is None:
-            self._table = tf.lookup.StaticHashTable(
-                tf.lookup.KeyValueTensorInitializer(
-                    tf.constant(self.item_ids), tf.zeros(len(self), tf.int64)),
-                default_value=-1)
-        return self._table.lookup(tf.convert_to_tensor(item_ids, tf.int64)) >= 0
+            self._table = _membership_table(self.item_ids)
+        has_empty, has_deleted = self.contains(np.array([DENSE_EMPTY_KEY, DENSE_DELETED_KEY]))
+        item_ids = tf.convert_to_tensor(item_ids, tf.int64)
+        flat = tf.reshape(item_ids, [-1])  # the dense table looks up a flat key vector
+        empty, deleted = flat == DENSE_EMPTY_KEY, flat == DENSE_DELETED_KEY
+        found = self._table.lookup(tf.where(empty | deleted, tf.zeros_like(flat), flat))
+        found = tf.where(empty, bool(has_empty), tf.where(deleted, bool(has_deleted), found))
+        return tf.reshape(found, tf.shape(item_ids))
+
+
+def _membership_table(item_ids: np.ndarray) -> tf.lookup.experimental.DenseHashTable:
+    """A ``DenseHashTable`` int64 -> bool holding ``item_ids`` (but the two keys it reserves)
+    -> True: ``9 * buckets`` bytes, buckets the next power of two above ``N / 0.8``."""
+    buckets = 1 << max(4, math.ceil(math.log2(len(item_ids) / _TABLE_MAX_LOAD + 1)))
+    with tf.init_scope():
+        table = tf.lookup.experimental.DenseHashTable(
+            key_dtype=tf.int64, value_dtype=tf.bool, default_value=False,
+            empty_key=DENSE_EMPTY_KEY, deleted_key=DENSE_DELETED_KEY,
+            initial_num_buckets=buckets, name="catalogue_items")
+        for start in range(0, len(item_ids), _TABLE_INSERT_ROWS):
+            chunk = item_ids[start:start + _TABLE_INSERT_ROWS]
+            chunk = chunk[(chunk != DENSE_EMPTY_KEY) & (chunk != DENSE_DELETED_KEY)]
+            table.insert(chunk, np.ones(len(chunk), bool))
+    return table
 
 
 def click_counts(data_dir: str | DataDir, split: str = "train") -> tuple[np.ndarray, np.ndarray]:

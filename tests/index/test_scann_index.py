@@ -1,6 +1,7 @@
-"""Tests for muse_tf.index.scann_index and muse_tf.index.brute_force: ScaNN against a NumPy
-brute force, padding of short results, save/reload, the benchmark and the missing-ScaNN
-error."""
+"""Tests for muse_tf.index.scann_index: ScaNN against a NumPy brute force (float32 and int8
+re-ordering), the catalogue-scaled parameters, the state loaded from ScaNN's own searcher,
+padding of short results, save/reload, the benchmark, the missing-ScaNN error, and the
+catalogue checks of muse_tf.index.brute_force."""
 
 from __future__ import annotations
 
@@ -9,16 +10,24 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from scann import scann_ops
 from tensorflow.core.protobuf import saved_model_pb2
 
 from muse_tf.index.brute_force import brute_force_index, check_catalogue, numpy_top_k
 from muse_tf.index.scann_index import (
+    FLOAT32_REORDER_MAX_BYTES,
     SCANN_NAMESPACE,
+    ScannIndex,
     clustered_catalogue,
+    load_state,
+    reorder_dtype_for,
+    reordering_candidates,
     require_scann,
+    scaled_tree,
     scann_index,
     scann_save_options,
     scann_vs_brute_force,
+    tree_training_sample,
 )
 
 NUM_ITEMS, DIM, K = 3000, 16, 20
@@ -76,6 +85,93 @@ def test_scann_overlaps_numpy_brute_force(catalogue):
     exact = np.einsum("qd,qkd->qk", queries, items[rows])
     np.testing.assert_allclose(scores.numpy(), exact, rtol=1e-4, atol=1e-4)
     assert np.all(np.diff(scores.numpy(), axis=1) <= 1e-6)
+
+
+def test_int8_reordering_keeps_the_overlap_in_a_quarter_of_the_memory(catalogue):
+    items, queries, ids = catalogue
+    _, expected = numpy_top_k(queries, items, K, ids)
+    index = scann_index(items, ids, K, num_leaves=60, num_leaves_to_search=20,
+                        num_reordering_candidates=200, reorder_dtype="int8")
+    assert index.reorder_dtype == "int8"
+    assert overlap(index(tf.constant(queries))[1].numpy(), expected) >= 0.95
+    state = index._serialized_searcher
+    # Index memory N * (4 + D / 2 + D) bytes: leaf ids, hashing codes, int8 vectors.
+    assert state.int8_dataset.shape == (NUM_ITEMS, DIM) and state.int8_dataset.dtype == tf.int8
+    assert state.dataset.shape == ()  # no float32 copy kept
+    assert state.hashed_dataset.shape == (NUM_ITEMS, DIM // 2)
+    assert state.datapoint_to_token.shape == (NUM_ITEMS,)
+
+
+def test_the_loaded_state_answers_as_scanns_own_searcher(catalogue, tmp_path):
+    items, queries, _ = catalogue
+    for dtype in ("float32", "int8"):
+        layer = ScannIndex(k=K, num_leaves=40, num_leaves_to_search=8,
+                           num_reordering_candidates=100, training_sample_size=NUM_ITEMS,
+                           reorder_dtype=dtype)
+        searcher = layer.build_searcher(items)
+        own, distances = searcher.search_batched(queries, final_num_neighbors=K)
+        (tmp_path / dtype).mkdir()
+        searcher.serialize(str(tmp_path / dtype))
+        state = load_state(str(tmp_path / dtype))
+        result = scann_ops.searcher_from_module(state).search_batched(
+            tf.constant(queries), final_num_neighbors=K)
+        np.testing.assert_array_equal(result.indices.numpy(), own)
+        np.testing.assert_allclose(result.distances.numpy(), distances, rtol=1e-6)
+
+
+def test_scaled_tree_keeps_the_configured_tree_then_grows_as_the_square_root():
+    assert scaled_tree(40) == (2, 2)           # clipped to N // 16, as always
+    assert scaled_tree(320) == (20, 10)
+    assert scaled_tree(3000) == (100, 10)
+    assert scaled_tree(10_000) == (100, 10)    # the configured tree up to 100 ** 2 items
+    assert scaled_tree(10_001) == (101, 11)
+    assert scaled_tree(1_000_000) == (1000, 100)
+    assert scaled_tree(4_000_000) == (2000, 200)
+    assert scaled_tree(35_400_000) == (5950, 595)
+    assert scaled_tree(35_400_000, 8000, 400) == (8000, 400)  # a larger tree is kept
+    assert scaled_tree(1_000_000, 100, 1) == (1000, 10)       # the configured share
+    with pytest.raises(ValueError, match="num_leaves must be a positive int"):
+        scaled_tree(100, 0)
+
+
+def test_training_sample_reordering_and_dtype_scale_with_the_catalogue():
+    assert tree_training_sample(3000, 100) == 3000            # the whole small catalogue
+    assert tree_training_sample(1_000_000, 1000) == 100_000   # ScaNN's default
+    assert tree_training_sample(35_400_000, 5950) == 380_800  # 64 points per leaf
+    assert reordering_candidates(3000, 10) == 100
+    assert reordering_candidates(1_000_000, 200) == 800       # today's max(4k, 100)
+    assert reordering_candidates(1_000_001, 200) == 2000
+    largest_float32 = FLOAT32_REORDER_MAX_BYTES // (4 * 32)
+    assert reorder_dtype_for(largest_float32, 32) == "float32"
+    assert reorder_dtype_for(largest_float32 + 1, 32) == "int8"
+    assert reorder_dtype_for(35_400_000, 32) == "int8"
+
+
+def test_scann_index_defaults_are_the_scaled_ones(catalogue):
+    items, queries, ids = catalogue
+    index = scann_index(items, ids, K, num_reordering_candidates=200)
+    assert index.describe() == {
+        "num_leaves": 100, "num_leaves_to_search": 10, "num_reordering_candidates": 200,
+        "reorder_dtype": "float32", "training_sample_size": NUM_ITEMS,
+        "dimensions_per_block": 2}
+    assert index(tf.constant(queries))[1].shape == (64, K)
+
+
+def test_a_shared_catalogue_builds_from_its_variable_or_its_read_only_array(catalogue):
+    from muse_tf.index.brute_force import aligned_empty, brute_force_index
+
+    items, queries, ids = catalogue
+    shared = aligned_empty(items.shape, np.float32)
+    shared[:] = items
+    exact = brute_force_index(shared, ids, K)  # shares the array and makes it read-only
+    index = scann_index(exact.candidates, ids, K, num_leaves=60, num_leaves_to_search=20,
+                        num_reordering_candidates=200)
+    _, expected = numpy_top_k(queries, items, K, ids)
+    assert overlap(index(tf.constant(queries))[1].numpy(), expected) >= 0.95
+    read_only = scann_index(shared, ids, K, num_leaves=60, num_leaves_to_search=20,
+                            num_reordering_candidates=200)
+    np.testing.assert_array_equal(read_only(tf.constant(queries))[1].numpy(),
+                                  index(tf.constant(queries))[1].numpy())
 
 
 def test_scann_searching_every_leaf_with_full_reordering_is_exact(catalogue):
@@ -138,7 +234,11 @@ def test_benchmark_reports_overlap_and_speed():
     assert result["overlap"] >= 0.95
     assert result["brute_force_qps"] > 0 and result["scann_qps"] > 0
     assert result["speedup"] == pytest.approx(result["scann_qps"] / result["brute_force_qps"])
-    assert {"num_items", "k", "scann_build_seconds", "brute_force_build_seconds"} <= set(result)
+    assert {"num_items", "k", "scann_build_seconds", "brute_force_build_seconds",
+            "training_sample_size", "reorder_dtype"} <= set(result)
+    assert result["catalogue_bytes"] == 8000 * 16 * 4
+    assert result["peak_rss_bytes"] >= result["catalogue_bytes"]
+    assert result["scann_build_peak_extra_bytes"] >= 0
 
 
 def test_missing_scann_gives_a_clear_error(monkeypatch):

@@ -1,7 +1,8 @@
 """Tests for muse_tf.models.two_tower: towers, the in-batch loss (a batch mean, with and
 without the logQ correction) against NumPy, training through ``fit``, the config round trip,
-brute-force retrieval over the item tower, and the exports (stock ops reload without
-muse_tf/scann; ScaNN reloads with scann)."""
+the candidate embeddings written into one preallocated array, brute-force retrieval over the
+item tower, and the exports (stock ops reload without muse_tf/scann; ScaNN reloads with
+scann)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from muse_tf.data import artifacts
 from muse_tf.embeddings import build_vocabularies, multimodal_codes
 from muse_tf.embeddings.vocabulary import read_vocabulary_ids
 from muse_tf.export.retrieval import export_retrieval
-from muse_tf.index.brute_force import brute_force_index, numpy_top_k
+from muse_tf.index.brute_force import ALIGNMENT, brute_force_index, numpy_top_k
 from muse_tf.index.scann_index import scann_index
 from muse_tf.models.two_tower import CANDIDATE_PROBABILITY, DEFAULT_TEMPERATURE, TwoTowerModel
 
@@ -255,6 +256,26 @@ def test_brute_force_over_the_item_tower_equals_numpy(world):
     expected_scores, expected_ids = numpy_top_k(model(batch).numpy(), candidates, 10, items)
     np.testing.assert_array_equal(found.numpy(), expected_ids)
     np.testing.assert_allclose(scores.numpy(), expected_scores, atol=1e-5)
+
+
+def test_candidate_embeddings_fill_one_preallocated_array(world):
+    model, items = world["model"], world["items"]
+    expected = model.item_tower(tf.constant(items)).numpy()
+    candidates = model.candidate_embeddings(items, batch_size=7)  # the last batch is short
+    assert candidates.shape == (len(items), 8) and candidates.dtype == np.float32
+    assert candidates.flags.c_contiguous and candidates.ctypes.data % ALIGNMENT == 0
+    np.testing.assert_allclose(candidates, expected, atol=1e-6)
+    out = np.full((len(items), 8), np.nan, np.float32)
+    assert model.candidate_embeddings(items, batch_size=5, out=out) is out
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="out must be a writeable float32 array of shape"):
+        model.candidate_embeddings(items, out=np.zeros((len(items), 7), np.float32))
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        model.candidate_embeddings(items, batch_size=0)
+    assert model.candidate_embeddings(items[:0]).shape == (0, 8)
+    # The brute-force index shares the (aligned) array: the catalogue is in memory once.
+    index = brute_force_index(candidates, items, 10)
+    assert np.shares_memory(np.asarray(index.candidates.value()), candidates)
 
 
 @pytest.mark.slow

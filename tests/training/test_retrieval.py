@@ -301,3 +301,16 @@ def test_warmup_requests_are_one_user_rows_of_the_signature():
         np.testing.assert_array_equal(request["hist_item_id"][0], features["hist_item_id"][r])
     assert requests[1]["hist_len"][0] == 6
     assert len(warmup_requests(None, 6)) == 1
+
+
+def test_catalogue_membership_op_answers_the_dense_tables_reserved_keys():
+    from muse_tf.embeddings.id_lookup import DENSE_DELETED_KEY, DENSE_EMPTY_KEY
+
+    catalogue = retrieval_data.Catalogue(np.array([DENSE_EMPTY_KEY, 5, -7], np.int64),
+                                         np.ones((3, 4), np.int8))
+    probe = np.array([[DENSE_EMPTY_KEY, DENSE_DELETED_KEY, 5], [-7, 12, 0]], np.int64)
+    expected = catalogue.contains(probe)
+    assert expected.tolist() == [[True, False, True], [True, False, False]]
+    np.testing.assert_array_equal(catalogue.contains_op(tf.constant(probe)).numpy(), expected)
+    mapped = tf.data.Dataset.from_tensors(probe).map(catalogue.contains_op)
+    np.testing.assert_array_equal(next(iter(mapped)).numpy(), expected)
