@@ -21,8 +21,9 @@ realistic data, no claim of a planted effect size):
   heavy-headed popularity (``index = N * u**3``); histories are oldest first, 70% of them
   ``seq_len`` long, the rest uniform in ``[10, seq_len)``. Targets come 60% from the
   interests; P(click) = 0.45 for an interest target, 0.10 otherwise.
-* The newest ``test_fraction`` of each user's samples go to ``test_samples``; the test
-  user-feature row is the train row's history (the real set's test rows are a later cut of
+* The newest ``test_fraction`` of each user's samples (on average; rounded up or down at
+  random per user) go to ``test_samples``; the test user-feature row is the train row's
+  history (the real set's test rows are a later cut of
   the same users).
 
 The table layout is :mod:`muse_tf.data.synthetic`'s: ``<stem>.parquet`` or
@@ -198,9 +199,12 @@ def _write_users(catalogue: _Catalogue, writers: dict[str, Any], users: int, sam
             catalogue.popular(u))
         clicked = rng.random(sample_owner.size) < np.where(interest_target, 0.45, 0.10)
         counts["clicks"] += int(clicked.sum())
-        # The newest test_fraction of a user's samples (its last ones) are its test samples.
+        # A user's last samples are its test samples: floor(quota * test_fraction + u) of them
+        # (u uniform in [0, 1)), so test_fraction of all samples on average, also when a user
+        # has only a few.
         rank = np.arange(sample_owner.size) - np.repeat(np.cumsum(quota) - quota, quota)
-        test = rank >= np.repeat(np.ceil(quota * (1.0 - test_fraction)).astype(np.int64), quota)
+        tests = np.floor(quota * test_fraction + rng.random(n)).astype(np.int64)
+        test = rank >= np.repeat(quota - np.minimum(tests, quota), quota)
         labels = np.stack([~clicked, clicked], axis=1).astype(np.int8).reshape(-1)
         label_lists = _list_array(labels, np.full(sample_owner.size, 2), pa.int8())
         sample_table = pa.table(

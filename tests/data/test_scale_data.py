@@ -35,6 +35,7 @@ def test_tables_have_the_taobao_mm_schema_and_exact_counts(generated):
     assert info["rows"][synthetic.ITEM_FEATURES] == 12_000
     assert len(glob.glob(os.path.join(out, "item_features-*.parquet"))) == 3
     assert info["train_samples"] + info["test_samples"] == 401
+    assert 20 <= info["test_samples"] <= 60  # test_fraction 0.1 of 401
     with open(os.path.join(out, synthetic.GENERATOR_FILE)) as f:
         assert json.load(f)["rows"] == info["rows"]
 
@@ -88,3 +89,9 @@ def test_same_seed_same_tables_and_existing_output_is_refused(generated, tmp_pat
         scale_data.generate(again, items=10, users=1, samples=1, seq_len=5)
     with pytest.raises(ValueError, match="items must be an integer >= 1"):
         scale_data.generate(str(tmp_path / "x"), items=0, users=1, samples=1)
+
+
+def test_users_with_few_samples_still_give_a_test_split(tmp_path):
+    info = scale_data.generate(str(tmp_path), items=500, users=200, samples=1000, seq_len=8)
+    assert 50 <= info["test_samples"] <= 150
+    assert info["train_samples"] + info["test_samples"] == 1000
