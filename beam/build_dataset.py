@@ -3,31 +3,58 @@
 Usage::
 
     python -m beam.build_dataset --input DIR --output DIR [--max-seq-len N] [--min-count K]
-        [--num-shards N] [--compression-level L] [--overwrite] [--allow-empty]
-        [--train-samples GLOBS] [--test-samples GLOBS] [--train-user-features GLOBS]
-        [--test-user-features GLOBS] [--item-features GLOBS] [--embeddings GLOBS]
-        [Beam options]
+        [--num-shards N] [--compression-level L] [--catalogue-buckets B] [--overwrite]
+        [--allow-empty] [--train-samples GLOBS] [--test-samples GLOBS]
+        [--train-user-features GLOBS] [--test-user-features GLOBS] [--item-features GLOBS]
+        [--embeddings GLOBS] [Beam options]
 
 Runs on FnApiRunner (in-process) unless ``--runner`` says otherwise; e.g.
 ``--direct_num_workers 2 --direct_running_mode multi_processing`` runs it on two local
 worker processes, and ``--runner DataflowRunner --project P --region R --temp_location
 gs://... --setup_file ./setup.py`` on Dataflow (input/output may then be ``gs://`` paths).
 
-Graph (every stage named)::
+Rows move between stages as column blocks (NumPy columns of many rows in one ``bytes``
+value) keyed by an id-hash bucket (``--catalogue-buckets``, default 256), and are named by a
+position (file index, row) instead of carrying their file name; see
+:mod:`beam.transforms`. The catalogue and user tables are read twice: the first read sends
+only ``(id, position)`` keys through a shuffle to decide, per bucket, which row of each key
+is kept, which rows are duplicates and which rows the samples need; that decision (a small
+"plan", keyed by file and row chunk) is a side input of the second read, which encodes or
+forwards exactly those rows straight from its parquet batches. Embedding vectors and user
+histories never cross a shuffle.
 
-    {train,test}_samples --Parse--> (item_id, sample) --+
-    item_features ---------Parse--> (item_id, item) ----+--JoinItemFeatures--> per split:
-    {split}_user_features --Parse--> (user_id, user) ---+--GroupByUser--EncodeUserExamples-->
-        {split}/part-*.tfrecord.gz   (+ train vocabulary counts -> vocab/<name>.tsv)
-    scl_embedding_int8_p90 --Parse--GroupByItem--EncodeEmbeddings--> embeddings/part-*
+Graph (every stage named; ``=>`` a shuffle, ``~plan~>`` a side input)::
+
+    {train,test}_samples --Parse{Split}Samples--> sample blocks (by item bucket)
+    item_features --ParseItemKeys--> key blocks
+        + sample blocks =GroupItemKeys=> ResolveItems: kept row per item, duplicates,
+          the rows samples need (plan)
+    item_features ~plan~> EmitItemValues --> values of those rows
+        + sample blocks =GroupItemValues=> JoinItemFeatures --> joined samples (by user
+          bucket), per split
+    {split}_user_features --Parse{Split}UserKeys--> key blocks
+        + joined samples =Group{Split}ByUser=> Resolve{Split}Users: kept row per user;
+          samples rejected, or planned on their user's row (plan)
+    {split}_user_features ~plan~> Encode{Split}Examples --> {split}/part-*.tfrecord.gz
+        (train: id counts by (vocabulary, id bucket) =MergeVocabularyCounts=>
+         =GroupVocabularyBuckets=> WriteVocabularies --> vocab/<name>.tsv)
+    scl_embedding_int8_p90 --ParseEmbeddingKeys--> key blocks =GroupEmbeddingKeys=>
+        ResolveEmbeddings: duplicates (plan)
+    scl_embedding_int8_p90 ~plan~> EncodeEmbeddings --> embeddings/part-*.tfrecord.gz
+    rows of duplicated keys (second reads) =Group*Duplicates=> Reject*Duplicates
     every stage --rejected--> rejected/<section>/part-*.jsonl
     every stage --counts--> metadata.json (checks rows read = written + rejected)
 
-The item join runs first on the small sample rows; a sample without item features is
-carried to the user join and only rejected there, so that "no user features" takes
-precedence (the demo files' samples join with neither table). Only user histories (as
-int64 bytes) and samples cross the user shuffle; records are built and written in the
-same fused stage, one user's records next to each other.
+The item join runs first; a sample without item features is carried to the user join and
+only rejected there, so that "no user features" takes precedence (the demo files' samples
+join with neither table). Records are built and written in the same fused stage as the
+user rows are read, one user's records next to each other.
+
+Memory: the local runners hold every shuffle in memory. What crosses one is 16 bytes a
+catalogue row (key blocks of items and embeddings), about 40 bytes a sample, and the rows of
+duplicated keys; parquet column chunks are streamed and every DoFn works one batch at a
+time, so workers stay bounded whatever the table sizes. Keep ``--num-shards 0`` (the
+default) for full-size tables there: ``N > 0`` shuffles every written record.
 
 Exit status of the command: 0 when every split that read sample rows wrote examples; 1 when
 the build failed (e.g. :class:`beam.io.ParquetReadError`: a file that cannot be read, named
@@ -72,9 +99,14 @@ TABLE_FLAGS = {stem.replace("_", "-"): stem for stem in beam_io.TABLE_STEMS
                if stem != beam_io.EMBEDDINGS}
 TABLE_FLAGS["embeddings"] = beam_io.EMBEDDINGS
 
-# Rows per emitted parquet batch: user rows carry whole histories, so fewer of them.
+# Rows per emitted parquet batch (and per plan chunk of a table read twice): user rows carry
+# whole histories, so fewer of them.
 _BATCH_ROWS = {beam_io.TRAIN_USER_FEATURES: 2048, beam_io.TEST_USER_FEATURES: 2048}
 _DEFAULT_BATCH_ROWS = 65536
+
+
+def _batch_rows(stem: str) -> int:
+    return _BATCH_ROWS.get(stem, _DEFAULT_BATCH_ROWS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +124,9 @@ class BuildConfig:
       overwrite: delete this layout's files already in ``output_dir`` first (else an
         existing data directory is an error).
       compression_level: zlib level (0-9) of the gzip TFRecords.
+      catalogue_buckets: id-hash buckets the tables are grouped in (items, embeddings,
+        users, samples, vocabulary counts): the unit of parallel work of every join. The
+        default suits ten rows and the full 35.4M-item catalogue alike.
     """
 
     input_dir: str
@@ -102,6 +137,7 @@ class BuildConfig:
     tables: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     overwrite: bool = False
     compression_level: int = beam_io.DEFAULT_COMPRESSION_LEVEL
+    catalogue_buckets: int = transforms.DEFAULT_BUCKETS
 
     def __post_init__(self) -> None:
         if not self.input_dir and len(self.tables) < len(beam_io.TABLE_STEMS):
@@ -117,6 +153,8 @@ class BuildConfig:
         if not 0 <= self.compression_level <= 9:
             raise ValueError(f"--compression-level must be in 0..9, got "
                              f"{self.compression_level}")
+        if self.catalogue_buckets < 1:
+            raise ValueError(f"--catalogue-buckets must be >= 1, got {self.catalogue_buckets}")
         unknown = sorted(set(self.tables) - set(beam_io.TABLE_STEMS))
         if unknown:
             raise ValueError(f"unknown tables {unknown}; known: {list(beam_io.TABLE_STEMS)}")
@@ -152,6 +190,10 @@ class BuildDatasetOptions(PipelineOptions):
         parser.add_argument("--compression-level", dest="compression_level", type=int,
                             default=beam_io.DEFAULT_COMPRESSION_LEVEL,
                             help="zlib level (0-9) of the gzip TFRecords")
+        parser.add_argument("--catalogue-buckets", dest="catalogue_buckets", type=int,
+                            default=transforms.DEFAULT_BUCKETS,
+                            help="id-hash buckets of the joins, de-duplication and "
+                                 "vocabulary counts (default %(default)s)")
         parser.add_argument("--overwrite", dest="overwrite", action="store_true",
                             default=False, help="replace an existing data directory's files "
                                                 "(and remove beam-temp-* leftovers)")
@@ -177,7 +219,8 @@ def config_from_options(options: PipelineOptions) -> BuildConfig:
     return BuildConfig(input_dir=view.input_dir or "", output_dir=view.output_dir or "",
                        max_seq_len=view.max_seq_len, min_count=view.min_count,
                        num_shards=view.num_shards, tables=tables, overwrite=view.overwrite,
-                       compression_level=view.compression_level)
+                       compression_level=view.compression_level,
+                       catalogue_buckets=view.catalogue_buckets)
 
 
 def _sections() -> dict[str, dict[str, Any]]:
@@ -279,85 +322,145 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions | BuildConfig
     _prepare_output(config)
     out_dir = config.output_dir
     sections = _sections()
+    buckets = config.catalogue_buckets
     counts: list[beam.PCollection] = []
     rejected: list[beam.PCollection] = []
 
-    def read(stem: str, label: str, parser: beam.DoFn, table: str):
-        batches = p | f"Read{label}" >> beam_io.ReadParquetTable(
-            stem, files[stem], schema.columns(table), _BATCH_ROWS.get(stem, _DEFAULT_BATCH_ROWS))
-        parsed = batches | f"Parse{label}" >> beam.ParDo(parser).with_outputs(
-            transforms.REJECTED, transforms.COUNTS, main="rows")
-        counts.append(parsed[transforms.COUNTS])
-        rejected.append(parsed[transforms.REJECTED])
-        return parsed
+    def read(stem: str, label: str, step: str, dofn: beam.DoFn, columns: Sequence[str],
+             *tags: str, **side_inputs: Any):
+        """Reads ``columns`` of table ``stem`` (stage ``label``) into ``dofn`` (stage
+        ``step``); returns its outputs: ``main``, ``rejected``, ``counts`` and ``tags``."""
+        batches = p | label >> beam_io.ReadParquetTable(
+            stem, files[stem], columns, _batch_rows(stem))
+        out = batches | step >> beam.ParDo(dofn, **side_inputs).with_outputs(
+            transforms.REJECTED, transforms.COUNTS, *tags, main="main")
+        counts.append(out[transforms.COUNTS])
+        rejected.append(out[transforms.REJECTED])
+        return out
 
-    # Samples of both splits, keyed by item id.
-    samples = []
+    def reject_duplicates(label: str, rows: beam.PCollection, section: str, key_name: str,
+                          stem: str) -> None:
+        out = (rows
+               | f"Group{label}Duplicates" >> beam.GroupByKey()
+               | f"Reject{label}Duplicates" >> beam.ParDo(transforms.RejectDuplicates(
+                   section, key_name, files[stem])).with_outputs(transforms.REJECTED,
+                                                                 main="unused"))
+        rejected.append(out[transforms.REJECTED])
+
+    # Samples of both splits, as column blocks keyed by target-item bucket.
+    samples = {}
     for split in layout.SPLITS:
-        name = split.capitalize()
-        samples.append(read(SAMPLE_STEM[split], f"{name}Samples", transforms.ParseSamples(split),
-                            schema.SAMPLES).rows)
-    all_samples = samples | "FlattenSamples" >> beam.Flatten()
-    items = read(beam_io.ITEM_FEATURES, "ItemFeatures", transforms.ParseItemFeatures(ITEM_SECTION),
-                 schema.ITEM_FEATURES).rows
-    joined = ({"samples": all_samples, "items": items}
-              | "GroupByItem" >> beam.CoGroupByKey()
-              | "JoinItemFeatures" >> beam.ParDo(
-                  transforms.JoinItemFeatures(ITEM_SECTION)).with_outputs(
-                  transforms.REJECTED, transforms.COUNTS, *layout.SPLITS, main="unused"))
-    counts.append(joined[transforms.COUNTS])
-    rejected.append(joined[transforms.REJECTED])
+        name, stem = split.capitalize(), SAMPLE_STEM[split]
+        samples[split] = read(stem, f"Read{name}Samples", f"Parse{name}Samples",
+                              transforms.ParseSamples(split, files[stem], buckets),
+                              schema.columns(schema.SAMPLES)).main
 
+    # Item features: the keys first (kept rows, duplicates, the rows samples refer to),
+    # then the values of exactly those rows, joined with the samples per bucket.
+    item_stem = beam_io.ITEM_FEATURES
+    item_chunk = _batch_rows(item_stem)
+    item_keys = read(item_stem, "ReadItemKeys", "ParseItemKeys",
+                     transforms.ParseItemKeys(ITEM_SECTION, files[item_stem], buckets),
+                     [schema.ITEM_ID.key]).main
+    item_plan = ({"keys": item_keys, **samples}
+                 | "GroupItemKeys" >> beam.CoGroupByKey()
+                 | "ResolveItems" >> beam.ParDo(transforms.ResolveItems(
+                     ITEM_SECTION, layout.SPLITS, item_chunk)).with_outputs(
+                     transforms.COUNTS, main="plan"))
+    counts.append(item_plan[transforms.COUNTS])
+    item_values = read(
+        item_stem, "ReadItemFeatures", "EmitItemValues",
+        transforms.EmitItemValues(ITEM_SECTION, files[item_stem], item_chunk, buckets),
+        schema.columns(schema.ITEM_FEATURES), transforms.DUPLICATES,
+        plan=beam.pvalue.AsMultiMap(item_plan.plan))
+    reject_duplicates("Item", item_values[transforms.DUPLICATES], ITEM_SECTION, "item_id",
+                      item_stem)
+    joined = ({"items": item_values.main, **samples}
+              | "GroupItemValues" >> beam.CoGroupByKey()
+              | "JoinItemFeatures" >> beam.ParDo(transforms.JoinItemValues(
+                  layout.SPLITS, buckets)).with_outputs(*layout.SPLITS, main="unused"))
+
+    # Per split, the user join: the keys first (kept rows, duplicates; samples rejected or
+    # planned on their user's row), then the records straight from the planned user rows.
     results: dict[str, beam.PCollection] = {}
     written_files: list[beam.PCollection] = []
     vocab_partials = None
+    sequence_keys = {f.key for f in schema.SEQUENCE_FEATURES}
+    user_key_columns = [c for c in schema.columns(schema.USER_FEATURES)
+                        if c == schema.USER_ID.key or c in sequence_keys]
     for split in layout.SPLITS:
         name = split.capitalize()
         user_section = USER_TABLE_SECTION[split]
-        users = read(USER_STEM[split], f"{name}UserFeatures",
-                     transforms.ParseUserFeatures(user_section, config.max_seq_len),
-                     schema.USER_FEATURES).rows
-        encoded = ({"samples": joined[split], "users": users}
-                   | f"Group{name}ByUser" >> beam.CoGroupByKey()
-                   | f"Encode{name}Examples" >> beam.ParDo(transforms.EncodeUserExamples(
-                       split, user_section, config.max_seq_len,
-                       count_vocabularies=(split == "train"))).with_outputs(
-                       transforms.REJECTED, transforms.COUNTS, transforms.VOCAB, main="records"))
-        counts.append(encoded[transforms.COUNTS])
-        rejected.append(encoded[transforms.REJECTED])
+        user_stem = USER_STEM[split]
+        user_chunk = _batch_rows(user_stem)
+        user_keys = read(user_stem, f"Read{name}UserKeys", f"Parse{name}UserKeys",
+                         transforms.ParseUserKeys(user_section, files[user_stem],
+                                                  config.max_seq_len, buckets),
+                         user_key_columns).main
+        plans = ({"users": user_keys, "samples": joined[split]}
+                 | f"Group{name}ByUser" >> beam.CoGroupByKey()
+                 | f"Resolve{name}Users" >> beam.ParDo(transforms.ResolveUsers(
+                     split, user_section, files[SAMPLE_STEM[split]], user_chunk)).with_outputs(
+                     transforms.REJECTED, transforms.COUNTS, transforms.DUPLICATE_PLAN,
+                     main="plan"))
+        counts.append(plans[transforms.COUNTS])
+        rejected.append(plans[transforms.REJECTED])
+        encoded = read(
+            user_stem, f"Read{name}UserFeatures", f"Encode{name}Examples",
+            transforms.EncodeUserRecords(split, user_section, files[user_stem],
+                                         config.max_seq_len, user_chunk,
+                                         count_vocabularies=(split == "train"),
+                                         num_buckets=buckets),
+            schema.columns(schema.USER_FEATURES), transforms.DUPLICATES, transforms.VOCAB,
+            samples_plan=beam.pvalue.AsMultiMap(plans.plan),
+            duplicate_plan=beam.pvalue.AsMultiMap(plans[transforms.DUPLICATE_PLAN]))
+        reject_duplicates(f"{name}User", encoded[transforms.DUPLICATES], user_section,
+                          "user_id", user_stem)
         if split == "train":
             vocab_partials = encoded[transforms.VOCAB]
-        split_files = encoded.records | f"Write{name}Records" >> beam_io.WriteTFRecords(
+        split_files = encoded.main | f"Write{name}Records" >> beam_io.WriteTFRecords(
             FileSystems.join(out_dir, split, "part"), config.num_shards,
             config.compression_level)
         results[f"{split}_files"] = split_files
         written_files.append(split_files)
 
-    # Multimodal embedding table.
-    embeddings = read(beam_io.EMBEDDINGS, "Embeddings",
-                      transforms.ParseEmbeddings(EMBEDDING_SECTION, schema.MM_EMBEDDING_DIM),
-                      schema.EMBEDDINGS).rows
-    encoded_embeddings = (embeddings
-                          | "GroupEmbeddingsByItem" >> beam.GroupByKey()
-                          | "EncodeEmbeddings" >> beam.ParDo(
-                              transforms.EncodeEmbeddings(EMBEDDING_SECTION)).with_outputs(
-                              transforms.REJECTED, transforms.COUNTS, main="records"))
-    counts.append(encoded_embeddings[transforms.COUNTS])
-    rejected.append(encoded_embeddings[transforms.REJECTED])
-    embedding_files = encoded_embeddings.records | "WriteEmbeddings" >> beam_io.WriteTFRecords(
+    # Multimodal embedding table: the keys first (duplicates), then every kept row encoded
+    # straight from its parquet batch.
+    emb_stem = beam_io.EMBEDDINGS
+    emb_chunk = _batch_rows(emb_stem)
+    dim = schema.MM_EMBEDDING_DIM
+    emb_keys = read(emb_stem, "ReadEmbeddingKeys", "ParseEmbeddingKeys",
+                    transforms.ParseEmbeddingKeys(EMBEDDING_SECTION, files[emb_stem], dim,
+                                                  buckets),
+                    schema.columns(schema.EMBEDDINGS)).main
+    emb_plan = (emb_keys
+                | "GroupEmbeddingKeys" >> beam.GroupByKey()
+                | "ResolveEmbeddings" >> beam.ParDo(transforms.ResolveEmbeddings(emb_chunk)))
+    encoded_embeddings = read(
+        emb_stem, "ReadEmbeddings", "EncodeEmbeddings",
+        transforms.EncodeEmbeddings(EMBEDDING_SECTION, files[emb_stem], dim, emb_chunk),
+        schema.columns(schema.EMBEDDINGS), transforms.DUPLICATES,
+        plan=beam.pvalue.AsMultiMap(emb_plan))
+    reject_duplicates("Embedding", encoded_embeddings[transforms.DUPLICATES],
+                      EMBEDDING_SECTION, "item_id", emb_stem)
+    embedding_files = encoded_embeddings.main | "WriteEmbeddings" >> beam_io.WriteTFRecords(
         FileSystems.join(out_dir, layout.EMBEDDINGS_DIR, "part"), config.num_shards,
         config.compression_level)
     results["embedding_files"] = embedding_files
     written_files.append(embedding_files)
 
-    # Vocabularies over the written train records (every vocabulary, even if empty).
+    # Vocabularies over the written train records (every vocabulary, even if empty): partial
+    # counts combined per (vocabulary, id bucket), no hot key; merged per vocabulary once.
     empty = (b"", b"")
     vocabularies = (
-        [vocab_partials,
+        [vocab_partials
+         | "MergeVocabularyCounts" >> beam.CombinePerKey(transforms.MergeIdCounts())
+         | "KeyByVocabulary" >> beam.Map(lambda kv: (kv[0][0], kv[1])),
          p | "VocabularyNames" >> beam.Create([(v, empty) for v in schema.vocabularies()])]
         | "FlattenVocabularyCounts" >> beam.Flatten()
-        | "MergeVocabularyCounts" >> beam.CombinePerKey(transforms.MergeIdCounts())
-        | "WriteVocabularies" >> beam.ParDo(transforms.WriteVocabulary(out_dir, config.min_count)))
+        | "GroupVocabularyBuckets" >> beam.GroupByKey()
+        | "WriteVocabularies" >> beam.ParDo(
+            transforms.WriteVocabulary(out_dir, config.min_count)))
     results["vocabularies"] = vocabularies
 
     # Rejected rows, one directory per section; counted from what is written.

@@ -64,6 +64,10 @@ def match_files(patterns: Sequence[str]) -> list[str]:
     return sorted(files)
 
 
+#: Bytes read at a time from a parquet column chunk.
+_READ_BUFFER_BYTES = 8 << 20
+
+
 class ParquetReadError(OSError):
     """A parquet file of a table cannot be read; the message names the table and the file."""
 
@@ -91,7 +95,9 @@ def _open_parquet(table: str, path: str):
     except Exception as error:
         raise _read_error(table, path, "opening it", error) from error
     try:
-        return handle, pq.ParquetFile(handle)
+        # Column chunks are streamed (buffer_size) rather than read whole: a row group of a
+        # catalogue table can be far larger than one batch.
+        return handle, pq.ParquetFile(handle, buffer_size=_READ_BUFFER_BYTES)
     except Exception as error:  # 0 bytes, truncated, not parquet: pyarrow's many types
         handle.close()
         raise _read_error(table, path, "reading its footer", error) from error
@@ -268,8 +274,12 @@ class _TensorFlowRecordSink(filebasedsink.FileBasedSink):
     def open(self, temp_path: str) -> _BackgroundRecordWriter:
         return _BackgroundRecordWriter(temp_path, self._compression_level)
 
-    def write_record(self, file_handle, value: bytes) -> None:
-        file_handle.write(value)
+    def write_record(self, file_handle, value: bytes | Sequence[bytes]) -> None:
+        if isinstance(value, bytes):
+            file_handle.write(value)
+        else:  # a batch of records, written in order
+            for record in value:
+                file_handle.write(record)
 
     def close(self, file_handle) -> None:
         file_handle.close()
@@ -278,13 +288,16 @@ class _TensorFlowRecordSink(filebasedsink.FileBasedSink):
 class WriteTFRecords(beam.PTransform):
     """Writes serialised records to ``PREFIX-SSSSS-of-NNNNN.tfrecord.gz``.
 
-    Returns the PCollection of the final file names.
+    Elements are serialised records or lists of them (a batch is written in order, and
+    costs the pipeline one element instead of one per record). Returns the PCollection of
+    the final file names.
 
     Args:
       file_path_prefix: e.g. ``DATA_DIR/train/part``.
       num_shards: the number of files; 0 lets the runner decide (one file per bundle of the
         writing stage, no reshuffle: the fast path); N > 0 makes Beam regroup the records
-        into exactly N files, which moves every record through one more shuffle.
+        into exactly N files, which moves every record through one more shuffle (which the
+        local runners hold in memory: keep 0 for full-size tables there).
       compression_level: zlib level 0-9 of the gzip stream. The default 4 writes files
         within a few percent of level 6 (zlib's default) in about two thirds of the time on
         SequenceExamples of long histories.

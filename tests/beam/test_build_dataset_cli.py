@@ -42,12 +42,13 @@ def test_runner_defaults_to_fn_api_runner_and_flags_pass_through():
 def test_config_from_flags():
     options = build_dataset.pipeline_options([
         "--input", "/in", "--output", "/out", "--max-seq-len", "50", "--min-count", "3",
-        "--num-shards", "4", "--compression-level", "6", "--overwrite",
+        "--num-shards", "4", "--compression-level", "6", "--overwrite", "--catalogue-buckets", "3",
         "--train-samples", "/a/*.parquet, /b/x.parquet", "--embeddings", "/e/*.parquet"])
     config = build_dataset.config_from_options(options)
     assert (config.input_dir, config.output_dir) == ("/in", "/out")
     assert (config.max_seq_len, config.min_count, config.num_shards) == (50, 3, 4)
     assert config.compression_level == 6 and config.overwrite
+    assert config.catalogue_buckets == 3
     assert config.patterns(beam_io.TRAIN_SAMPLES) == ("/a/*.parquet", "/b/x.parquet")
     assert config.patterns(beam_io.EMBEDDINGS) == ("/e/*.parquet",)
     assert config.patterns(beam_io.ITEM_FEATURES) == (
@@ -57,6 +58,7 @@ def test_config_from_flags():
         build_dataset.pipeline_options(["--input", "/in", "--output", "/out"]))
     assert defaults.max_seq_len == schema.MAX_HISTORY_LEN
     assert (defaults.min_count, defaults.num_shards, defaults.overwrite) == (1, 0, False)
+    assert defaults.catalogue_buckets == transforms.DEFAULT_BUCKETS
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -66,6 +68,8 @@ def test_config_from_flags():
     (["--input", "/in", "--output", "/o", "--min-count", "0"], "--min-count must be >= 1"),
     (["--input", "/in", "--output", "/o", "--num-shards", "-1"], "--num-shards must be >= 0"),
     (["--input", "/in", "--output", "/o", "--compression-level", "10"], "got 10"),
+    (["--input", "/in", "--output", "/o", "--catalogue-buckets", "0"],
+     "--catalogue-buckets must be >= 1"),
 ])
 def test_bad_flags_are_named(flags, message):
     with pytest.raises(ValueError, match=message):
