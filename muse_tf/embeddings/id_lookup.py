@@ -82,13 +82,10 @@ class IdLookup(tf.keras.layers.Layer):
             self._table = self._dense_table()
 
     def _dense_table(self) -> tf.lookup.experimental.DenseHashTable:
-        from muse_tf.data.artifacts import read_vocabulary_file
+        from muse_tf.embeddings.vocabulary import Vocabulary, read_vocabulary_ids
 
-        ids, _ = read_vocabulary_file(self.vocabulary_file)
-        if len(ids) < self.vocab_size:
-            raise ValueError(f"{self.name}: vocabulary file {self.vocabulary_file!r} holds "
-                             f"{len(ids)} ids, fewer than vocab_size={self.vocab_size}")
-        ids = ids[: self.vocab_size]
+        ids = read_vocabulary_ids(Vocabulary(self.name, self.vocabulary_file, self.vocab_size,
+                                             self.num_embedded))
         for reserved in (DENSE_EMPTY_KEY, DENSE_DELETED_KEY):
             hits = np.flatnonzero(ids == reserved)
             if hits.size:

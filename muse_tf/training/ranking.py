@@ -12,7 +12,6 @@ of each part of the run) and, with ``train.export``, ``export/ranker/<version>/`
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import numpy as np
@@ -162,24 +161,22 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
         resume=resume)
     if resume is not None and config.train.verbose:
         resume.announce(config.name)
-    start = time.perf_counter()
     with stages("train"), reader.naming_unreadable_shards(data, "train"):
         history = model.fit(train_ds, epochs=schedule.periods,
                             steps_per_epoch=schedule.period_steps, callbacks=callbacks,
                             verbose=config.train.verbose)
-    train_seconds = time.perf_counter() - start
+    train_seconds = stages.stages["train"]["seconds"]
     losses = (resume.losses(history) if resume is not None
               else [float(x) for x in history.history.get("loss", [])])
     periods_run = len(losses)
 
     test_ds = reader.make_dataset(data, "test", config.data.eval_batch_size,
                                   max_seq_len=seq_len, shuffle=False, deterministic=True)
-    eval_start = time.perf_counter()
     with stages("test evaluation"):
         predictions = evaluation.predict_split(
             model, test_ds, config.train.max_eval_steps,
             step=None if validator is None else validator.step, data=data, split="test")
-    eval_seconds = time.perf_counter() - eval_start
+    eval_seconds = stages.stages["test evaluation"]["seconds"]
     test = evaluation.evaluate_predictions(predictions)
     test["examples_per_sec"] = test["examples"] / eval_seconds if eval_seconds else None
     result: dict[str, Any] = {
