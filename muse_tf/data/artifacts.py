@@ -185,6 +185,27 @@ def read_vocabulary_file(path: str) -> tuple[np.ndarray, np.ndarray]:
     return parse_vocabulary(data, path)
 
 
+def read_vocabulary_ids(path: str, name: str, vocab_size: int) -> np.ndarray:
+    """The first ``vocab_size`` raw ids of vocabulary ``name``'s file, in line order.
+
+    Raises:
+      OSError: naming the file when it is missing or cannot be read.
+      ValueError: naming the file when a line is malformed, or when it holds fewer than
+        ``vocab_size`` lines (a truncated file).
+    """
+    try:
+        ids, _ = read_vocabulary_file(path)
+    except OSError as err:
+        raise OSError(f"{err} (vocabulary {name!r})") from err
+    except ValueError as err:
+        raise ValueError(f"malformed vocabulary file {path!r} of {name!r}: {err}") from err
+    if len(ids) < vocab_size:
+        raise ValueError(f"vocabulary file {path!r} of {name!r} holds {len(ids)} ids, fewer "
+                         f"than its vocab_size={vocab_size}: the file was truncated or "
+                         "replaced after the model was built")
+    return ids[:vocab_size]
+
+
 def write_vocabulary_file(path: str, ids: np.ndarray, counts: np.ndarray) -> None:
     """Writes ``"<id>\\t<count>"`` lines (Arrow's CSV writer: no Python loop over lines)."""
     table = pa.table({"id": pa.array(np.asarray(ids, np.int64)),

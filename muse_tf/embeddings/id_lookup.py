@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from muse_tf.data.artifacts import read_vocabulary_ids
+
 PADDING_ROW = 0
 OOV_ROW = 1
 NUM_RESERVED_ROWS = 2
@@ -82,10 +84,7 @@ class IdLookup(tf.keras.layers.Layer):
             self._table = self._dense_table()
 
     def _dense_table(self) -> tf.lookup.experimental.DenseHashTable:
-        from muse_tf.embeddings.vocabulary import Vocabulary, read_vocabulary_ids
-
-        ids = read_vocabulary_ids(Vocabulary(self.name, self.vocabulary_file, self.vocab_size,
-                                             self.num_embedded))
+        ids = read_vocabulary_ids(self.vocabulary_file, self.name, self.vocab_size)
         for reserved in (DENSE_EMPTY_KEY, DENSE_DELETED_KEY):
             hits = np.flatnonzero(ids == reserved)
             if hits.size:

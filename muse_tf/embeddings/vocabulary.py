@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from muse_tf import schema
-from muse_tf.data.artifacts import read_vocabulary_file, write_vocabulary_file
+from muse_tf.data import artifacts
+from muse_tf.data.artifacts import write_vocabulary_file
 from muse_tf.data.data_dir import DataDir
 from muse_tf.embeddings.arrays import normalise_rows, sorted_positions
 from muse_tf.embeddings.id_lookup import NUM_RESERVED_ROWS
@@ -75,19 +76,8 @@ def read_vocabulary_ids(vocabulary: Vocabulary) -> np.ndarray:
       ValueError: naming the file when a line is malformed, or when it holds fewer than
         ``vocab_size`` lines (a truncated file).
     """
-    path = vocabulary.path
-    try:
-        ids, _ = read_vocabulary_file(path)
-    except OSError as err:
-        raise OSError(f"{err} (vocabulary {vocabulary.name!r})") from err
-    except ValueError as err:
-        raise ValueError(f"malformed vocabulary file {path!r} of {vocabulary.name!r}: "
-                         f"{err}") from err
-    if len(ids) < vocabulary.vocab_size:
-        raise ValueError(f"vocabulary file {path!r} of {vocabulary.name!r} holds {len(ids)} "
-                         f"ids, fewer than its vocab_size={vocabulary.vocab_size}: the file "
-                         "was truncated or replaced after the model was built")
-    return ids[: vocabulary.vocab_size]
+    return artifacts.read_vocabulary_ids(vocabulary.path, vocabulary.name,
+                                         vocabulary.vocab_size)
 
 
 def multimodal_codes(vocab_ids: np.ndarray, mm_ids: np.ndarray,
