@@ -23,6 +23,7 @@ from muse_tf.data.data_dir import DataDir
 from muse_tf.models.factory import build_ranking_model
 from muse_tf.profiling import StageTimer
 from muse_tf.training import evaluation, runs
+from muse_tf.training.early_stopping import BestWeightsEarlyStopping
 from muse_tf.training.strategy import (
     finish_workers,
     is_chief,
@@ -152,9 +153,9 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
             deterministic=True, users=users.with_part("validation"))
         validator = runs.ValidationMetrics(validation_ds, schedule,
                                            config.train.max_eval_steps)
-        early_stopping = tf.keras.callbacks.EarlyStopping(
+        early_stopping = BestWeightsEarlyStopping(
             monitor="val_gauc", mode="max", patience=config.train.patience,
-            restore_best_weights=True, verbose=1 if config.train.verbose else 0)
+            verbose=1 if config.train.verbose else 0)
         validation = [validator, early_stopping]
     throughput, callbacks = runs.fit_callbacks(
         out_dir, batch, validation, checkpoint_monitor="val_gauc" if validation else None,

@@ -19,6 +19,7 @@ import tensorflow as tf
 from muse_tf import config as config_lib
 from muse_tf.data.data_dir import DataDir
 from muse_tf.training import evaluation
+from muse_tf.training.early_stopping import BestWeightsEarlyStopping
 from muse_tf.training.step import TwoOptimizerModel
 from muse_tf.training.strategy import barrier
 
@@ -347,7 +348,10 @@ class _RunState(tf.keras.callbacks.Callback):
         if not tf.io.gfile.exists(path + ".index"):
             return
         self.model.load_weights(path).expect_partial()
-        stopping.best_weights = self.model.get_weights()
+        if isinstance(stopping, BestWeightsEarlyStopping):
+            stopping.snapshot()
+        else:
+            stopping.best_weights = self.model.get_weights()
         self.resume.backup._training_state.restore()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:

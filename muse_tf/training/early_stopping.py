@@ -1,0 +1,88 @@
+"""Early stopping that keeps, of the best period's weights, only what training changes.
+
+tf-keras' ``EarlyStopping(restore_best_weights=True)`` copies ``model.get_weights()`` into
+host memory after the first period and after every improving one (briefly twice while the old
+copy is replaced). That copy includes the frozen multimodal table: 4.9 GB of int8 codes and
+norms at TAOBAO-MM's 35.4M items, which training never writes. Measured on a 4M-item catalogue,
+the tf-keras callback raised peak RSS by 1.9 GB at the end of the first period; at the full
+catalogue it pushed a run that trains in 11.4 GB past 24 GB.
+
+:class:`BestWeightsEarlyStopping` keeps the same rule (monitor, ``patience``, ``min_delta``,
+``baseline``, ``start_from_epoch``; the weights of the best period restored at the end of
+training, those after the first period when none improves) but snapshots only the variables
+that can change (:func:`changing_variables`: every model variable except those of
+:class:`~muse_tf.embeddings.FrozenMultimodalTable` layers), dropping the old snapshot before
+taking a new one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from muse_tf.embeddings.multimodal_table import FrozenMultimodalTable
+
+
+def changing_variables(model: tf.keras.Model) -> list[tf.Variable]:
+    """``model.weights`` without the variables of its frozen multimodal tables (in order)."""
+    frozen = {id(v) for layer in model.submodules if isinstance(layer, FrozenMultimodalTable)
+              for v in layer.weights}
+    return [v for v in model.weights if id(v) not in frozen]
+
+
+class BestWeightsEarlyStopping(tf.keras.callbacks.EarlyStopping):
+    """``tf.keras.callbacks.EarlyStopping`` with ``restore_best_weights=True`` whose copy of
+    the best weights leaves out the frozen multimodal table (module docstring)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        if not kwargs.pop("restore_best_weights", True):
+            raise ValueError("BestWeightsEarlyStopping always restores the best weights; use "
+                             "tf.keras.callbacks.EarlyStopping otherwise")
+        super().__init__(restore_best_weights=True, **kwargs)
+
+    def snapshot(self) -> None:
+        """Take the current values of :func:`changing_variables` as the best weights."""
+        self.best_weights = None  # freed before the new copy is taken
+        self.best_weights = [np.array(v) for v in changing_variables(self.model)]
+
+    def restore(self) -> None:
+        """Assign the snapshot back (a no-op before the first one)."""
+        if self.best_weights is None:
+            return
+        variables = changing_variables(self.model)
+        if len(variables) != len(self.best_weights):
+            raise ValueError(f"{type(self).__name__}: the model has {len(variables)} "
+                             f"changing variables, the snapshot {len(self.best_weights)}")
+        with self.model.distribute_strategy.scope():
+            for variable, value in zip(variables, self.best_weights, strict=True):
+                variable.assign(value)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        current = self.get_monitor_value(logs)
+        if current is None or epoch < self.start_from_epoch:
+            return
+        self.wait += 1
+        if self._is_improvement(current, self.best):
+            self.best = current
+            self.best_epoch = epoch
+            self.snapshot()
+            if self.baseline is None or self._is_improvement(current, self.baseline):
+                self.wait = 0
+            return
+        if self.best_weights is None:  # no progress yet: keep the first period's weights
+            self.best_epoch = epoch
+            self.snapshot()
+        if self.wait >= self.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.stopped_epoch > 0 and self.verbose > 0:
+            tf.print(f"Epoch {self.stopped_epoch + 1}: early stopping")
+        if self.best_weights is not None:
+            if self.verbose > 0:
+                tf.print("Restoring model weights from the end of the best epoch: "
+                         f"{self.best_epoch + 1}.")
+            self.restore()
