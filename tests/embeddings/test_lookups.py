@@ -97,6 +97,23 @@ def test_build_vocabularies_appends_multimodal_only_items(tmp_path):
     assert (category.vocab_size, category.num_embedded) == (2, 1)
 
 
+def test_multimodal_only_items_are_numpys_set_difference_in_ascending_order(tmp_path):
+    rng = np.random.default_rng(3)
+    data_dir = tmp_path / "data"
+    os.makedirs(data_dir / layout.VOCAB_DIR)
+    vocab_ids = rng.permutation(np.arange(1, 3000, 3, dtype=np.int64))  # count order, unsorted
+    for name in schema.vocabularies():
+        _write_vocab(layout.vocab_path(str(data_dir), name), [(int(i), 1) for i in vocab_ids])
+    with open(layout.metadata_path(str(data_dir)), "w") as f:
+        json.dump({"schema": schema.as_dict()}, f)
+    mm_ids = rng.permutation(np.arange(0, 4000, 2, dtype=np.int64))  # holds the missing id 0
+    vocabs = build_vocabularies(str(data_dir), str(tmp_path / "model_vocab"),
+                                mm_item_ids=mm_ids)
+    expected = np.concatenate([vocab_ids, np.setdiff1d(mm_ids[mm_ids != 0], vocab_ids)])
+    np.testing.assert_array_equal(read_vocabulary_ids(vocabs[schema.ITEM_ID.vocabulary]),
+                                  expected)
+
+
 @pytest.mark.parametrize("chunk_bytes", [64, 1000, 1 << 20])
 @pytest.mark.parametrize("with_candidates", [False, True])
 @pytest.mark.parametrize("storage", ["int8", "float32"])
