@@ -144,6 +144,12 @@ class _Run:
                   f"{self.clicks.clicks_seen} clicked train impressions have an item without "
                   "a multimodal embedding (not in the index): not trained on", flush=True)
 
+    def release_codes(self) -> None:
+        """Drop the host copy of the int8 codes (:attr:`tables` goes, the catalogue keeps
+        its ids) once the model's frozen table holds them."""
+        del self.tables
+        self.catalogue.release_codes()
+
     def fit(self, build: Callable[[], TwoOptimizerModel], keep: KeepFn,
             add_targets: Callable | None = None) -> tuple[TwoOptimizerModel, dict[str, Any]]:
         """Builds the model under the strategy and trains it with ``fit``."""
@@ -317,7 +323,7 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
     from muse_tf.index.brute_force import brute_force_index
 
     run = _Run(config, model_dir, data_dir)
-    retrieval, catalogue, tables = config.retrieval, run.catalogue, run.tables
+    retrieval, catalogue = config.retrieval, run.catalogue
     add_probability = None
     if retrieval.logq_correction:
         # q of the items the pipeline keeps (clicked train items in the catalogue).
@@ -331,13 +337,17 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
                     CANDIDATE_PROBABILITY: sampling.lookup_op(batch[schema.ITEM_ID.name])}
 
     model, training = run.fit(
-        lambda: TwoTowerModel(config.model, retrieval.tower_dim, tables.vocabularies,
-                              mm_table=tables.mm_table, mm_dim=tables.mm_dim,
+        lambda: TwoTowerModel(config.model, retrieval.tower_dim, run.tables.vocabularies,
+                              mm_table=run.tables.mm_table, mm_dim=run.tables.mm_dim,
                               temperature=retrieval.temperature,
                               logq_correction=retrieval.logq_correction,
                               name=f"two_tower_{config.name}"),
         keep=catalogue.contains_op, add_targets=add_probability)
 
+    # The model's frozen table holds the codes now: the host copy goes before the candidate
+    # matrix and the indexes are built (at 35.4M items 4.5 GB of the ~20 GB the ScaNN build
+    # would otherwise need beside it).
+    run.release_codes()
     top_n = min(retrieval.top_n, len(catalogue))
     start = time.perf_counter()
     candidates = model.candidate_embeddings(catalogue.item_ids)

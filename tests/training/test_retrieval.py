@@ -72,6 +72,11 @@ def test_catalogue_drops_rows_without_a_direction():
     np.testing.assert_allclose(catalogue.vectors, [[0, 1], [0.6, 0.8]])
     assert catalogue.dropped == 2
     np.testing.assert_array_equal(catalogue.contains(np.array([20, 10, 30])), [1, 0, 1])
+    catalogue.release_codes()  # ids and membership stay, the vectors go
+    assert catalogue.dim == 2 and len(catalogue) == 2
+    np.testing.assert_array_equal(catalogue.contains(np.array([20, 10])), [1, 0])
+    with pytest.raises(RuntimeError, match="released"):
+        catalogue.vectors  # noqa: B018
 
 
 def test_click_counts_against_the_catalogue_are_exact(tiny_data):
