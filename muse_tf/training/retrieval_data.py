@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -121,16 +122,25 @@ class Catalogue:
 def _membership_table(item_ids: np.ndarray) -> tf.lookup.experimental.DenseHashTable:
     """A ``DenseHashTable`` int64 -> bool holding ``item_ids`` (but the two keys it reserves)
     -> True: ``9 * buckets`` bytes, buckets the next power of two above ``N / 0.8``."""
-    buckets = 1 << max(4, math.ceil(math.log2(len(item_ids) / _TABLE_MAX_LOAD + 1)))
+    return _filled_dense_table(item_ids, np.ones(len(item_ids), bool), False,
+                               "catalogue_items")
+
+
+def _filled_dense_table(keys: np.ndarray, values: np.ndarray, default: Any,
+                        name: str) -> tf.lookup.experimental.DenseHashTable:
+    """A ``DenseHashTable`` int64 -> ``values.dtype`` holding ``keys -> values`` (but the two
+    keys it reserves), built and filled eagerly :data:`_TABLE_INSERT_ROWS` rows at a time,
+    so no graph (a tf.data function's included) ever holds the keys as a constant."""
+    buckets = 1 << max(4, math.ceil(math.log2(len(keys) / _TABLE_MAX_LOAD + 1)))
     with tf.init_scope():
         table = tf.lookup.experimental.DenseHashTable(
-            key_dtype=tf.int64, value_dtype=tf.bool, default_value=False,
+            key_dtype=tf.int64, value_dtype=tf.as_dtype(values.dtype), default_value=default,
             empty_key=DENSE_EMPTY_KEY, deleted_key=DENSE_DELETED_KEY,
-            initial_num_buckets=buckets, name="catalogue_items")
-        for start in range(0, len(item_ids), _TABLE_INSERT_ROWS):
-            chunk = item_ids[start:start + _TABLE_INSERT_ROWS]
-            chunk = chunk[(chunk != DENSE_EMPTY_KEY) & (chunk != DENSE_DELETED_KEY)]
-            table.insert(chunk, np.ones(len(chunk), bool))
+            initial_num_buckets=buckets, name=name)
+        for start in range(0, len(keys), _TABLE_INSERT_ROWS):
+            chunk = keys[start:start + _TABLE_INSERT_ROWS]
+            usable = (chunk != DENSE_EMPTY_KEY) & (chunk != DENSE_DELETED_KEY)
+            table.insert(chunk[usable], values[start:start + _TABLE_INSERT_ROWS][usable])
     return table
 
 
@@ -224,7 +234,7 @@ class SamplingProbabilities:
         self.item_ids = item_ids[order]
         self.probabilities = (counts[order] / self.total_clicks).astype(np.float32)
         self.floor = float(self.UNSEEN_CLICKS / self.total_clicks)
-        self._table: tf.lookup.StaticHashTable | None = None
+        self._table: tf.lookup.experimental.DenseHashTable | None = None
 
     def lookup(self, item_ids: np.ndarray) -> np.ndarray:
         """float32 ``q`` of ``item_ids`` (NumPy; the floor for ids without kept clicks)."""
@@ -234,14 +244,21 @@ class SamplingProbabilities:
         return np.where(found, self.probabilities[at], np.float32(self.floor)).astype(np.float32)
 
     def lookup_op(self, item_ids: tf.Tensor) -> tf.Tensor:
-        """:meth:`lookup` in TF ops (a ``StaticHashTable`` int64 → float32, built on first use),
-        for tf.data pipelines: float32 of the shape of ``item_ids``."""
+        """:meth:`lookup` in TF ops, for tf.data pipelines: float32 of the shape of
+        ``item_ids``. The ``q`` live in a ``DenseHashTable`` filled eagerly on first use (no
+        graph constant of the clicked ids); the two keys it reserves
+        (``DENSE_EMPTY_KEY``, ``DENSE_DELETED_KEY``) are answered without it."""
         if self._table is None:
-            self._table = tf.lookup.StaticHashTable(
-                tf.lookup.KeyValueTensorInitializer(
-                    tf.constant(self.item_ids), tf.constant(self.probabilities)),
-                default_value=tf.constant(self.floor, tf.float32))
-        return self._table.lookup(tf.convert_to_tensor(item_ids, tf.int64))
+            self._table = _filled_dense_table(self.item_ids, self.probabilities,
+                                              np.float32(self.floor), "sampling_probabilities")
+        reserved = np.array([DENSE_EMPTY_KEY, DENSE_DELETED_KEY])
+        q_empty, q_deleted = self.lookup(reserved)
+        item_ids = tf.convert_to_tensor(item_ids, tf.int64)
+        flat = tf.reshape(item_ids, [-1])  # the dense table looks up a flat key vector
+        empty, deleted = flat == DENSE_EMPTY_KEY, flat == DENSE_DELETED_KEY
+        q = self._table.lookup(tf.where(empty | deleted, tf.zeros_like(flat), flat))
+        q = tf.where(empty, q_empty, tf.where(deleted, q_deleted, q))
+        return tf.reshape(q, tf.shape(item_ids))
 
 
 def clicked_dataset(data: str | DataDir, split: str, batch_size: int, max_seq_len: int, *,

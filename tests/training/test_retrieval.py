@@ -319,3 +319,18 @@ def test_catalogue_membership_op_answers_the_dense_tables_reserved_keys():
     np.testing.assert_array_equal(catalogue.contains_op(tf.constant(probe)).numpy(), expected)
     mapped = tf.data.Dataset.from_tensors(probe).map(catalogue.contains_op)
     np.testing.assert_array_equal(next(iter(mapped)).numpy(), expected)
+
+
+def test_sampling_probability_op_answers_the_dense_tables_reserved_keys():
+    from muse_tf.embeddings.id_lookup import DENSE_DELETED_KEY, DENSE_EMPTY_KEY
+
+    sampling = retrieval_data.SamplingProbabilities(
+        np.array([DENSE_EMPTY_KEY, 5, -7], np.int64), np.array([1, 3, 4]))
+    probe = np.array([[DENSE_EMPTY_KEY, DENSE_DELETED_KEY, 5], [-7, 12, 0]], np.int64)
+    expected = sampling.lookup(probe)
+    np.testing.assert_allclose(expected, [[1 / 8, 0.5 / 8, 3 / 8], [4 / 8, 0.5 / 8, 0.5 / 8]])
+    np.testing.assert_array_equal(sampling.lookup_op(tf.constant(probe)).numpy(), expected)
+    # First used while a tf.data function is traced: the table is still filled eagerly.
+    fresh = retrieval_data.SamplingProbabilities(np.array([5, -7], np.int64), np.array([3, 4]))
+    mapped = tf.data.Dataset.from_tensors(probe).map(fresh.lookup_op)
+    np.testing.assert_array_equal(next(iter(mapped)).numpy(), fresh.lookup(probe))
