@@ -159,8 +159,8 @@ def build_predict_request(
             except ValueError as error:
                 raise signatures.InputError(f"{error} (signature {signature_name!r})"
                                             ) from error
-    for alias, proto in signatures.as_tensor_protos(arrays).items():
-        request.inputs[alias].CopyFrom(proto)
+    for alias, array in arrays.items():
+        signatures.fill_tensor_proto(request.inputs[alias], array)
     return request
 
 

@@ -291,7 +291,7 @@ class LoadedVersion:
         response.model_spec.version.value = self.version
         response.model_spec.signature_name = name
         for alias, value in zip(aliases, values, strict=True):
-            response.outputs[alias].CopyFrom(tf.make_tensor_proto(value))
+            signatures.fill_tensor_proto(response.outputs[alias], value)
         return response
 
     def _inputs(self, name: str, signature: _Signature,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -269,7 +270,18 @@ def tensor_shape_of(proto: tensor_pb2.TensorProto) -> tuple[int, ...]:
 
 def parse_tensor(alias: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
     """``proto`` as a NumPy array; a malformed proto is an :class:`InputError` naming
-    ``alias``."""
+    ``alias``.
+
+    A numeric tensor sent as ``tensor_content`` (what :func:`fill_tensor_proto` and
+    ``tf.make_tensor_proto`` write) is viewed in place, read-only: no copy of a 1.6 MB
+    history; everything else goes through ``tf.make_ndarray``.
+    """
+    dtype = _CONTENT_DTYPES.get(proto.dtype)
+    if dtype is not None and proto.tensor_content and _LITTLE_ENDIAN:
+        shape = tensor_shape_of(proto)
+        content = proto.tensor_content
+        if len(content) == int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            return np.frombuffer(content, dtype=dtype).reshape(shape)
     try:
         return tf.make_ndarray(proto)
     except Exception as error:  # TypeError / ValueError from malformed protos
@@ -361,6 +373,49 @@ def read_warmup_requests(export_dir: str) -> Iterator[Any]:
         yield log
 
 
+#: DataType -> NumPy dtype of the numeric tensors sent as raw ``tensor_content`` bytes.
+_CONTENT_DTYPES = {tf.dtypes.as_dtype(d).as_datatype_enum: np.dtype(d) for d in (
+    np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64, np.uint8,
+    np.uint32, np.uint64)}  # the types make_tensor_proto writes as tensor_content
+_LITTLE_ENDIAN = sys.byteorder == "little"  # tensor_content is little-endian
+#: The typed field ``make_tensor_proto`` puts a tensor of at most one element in.
+_SMALL_VALUE_FIELDS = {types_pb2.DT_INT64: "int64_val", types_pb2.DT_INT32: "int_val",
+                       types_pb2.DT_FLOAT: "float_val", types_pb2.DT_DOUBLE: "double_val"}
+
+
+def fill_tensor_proto(proto: tensor_pb2.TensorProto, array: np.ndarray) -> None:
+    """Write ``array`` into ``proto`` (e.g. ``request.inputs[alias]``, filled in place)
+    exactly as ``tf.make_tensor_proto(array)`` encodes it.
+
+    A numeric array of more than one element is its dtype, shape and raw bytes
+    (``tensor_content``), set directly: ``make_tensor_proto``'s generic Python costs about
+    0.3 ms a tensor, a few ms for a ranking request. Other arrays go through
+    ``make_tensor_proto``.
+    """
+    array = np.asarray(array)
+    datatype = tf.dtypes.as_dtype(array.dtype).as_datatype_enum if array.dtype.kind in "iuf" \
+        else None
+    small_field = _SMALL_VALUE_FIELDS.get(datatype)
+    if not _LITTLE_ENDIAN or datatype not in _CONTENT_DTYPES or (
+            array.size <= 1 and small_field is None):
+        proto.CopyFrom(tf.make_tensor_proto(array))
+        return
+    proto.Clear()
+    proto.dtype = datatype
+    proto.tensor_shape.SetInParent()  # present even for a scalar, as make_tensor_proto
+    for size in array.shape:
+        proto.tensor_shape.dim.add().size = size
+    if array.size > 1:
+        proto.tensor_content = np.ascontiguousarray(array).tobytes()
+    else:  # make_tensor_proto writes zero or one value to the typed field
+        getattr(proto, small_field).extend(array.ravel().tolist())
+
+
 def as_tensor_protos(arrays: Mapping[str, np.ndarray]) -> dict[str, tensor_pb2.TensorProto]:
-    """``tf.make_tensor_proto`` of every array (``tensor_content`` encoding: compact)."""
-    return {name: tf.make_tensor_proto(array) for name, array in arrays.items()}
+    """Every array as a ``TensorProto`` (:func:`fill_tensor_proto`: ``tensor_content``
+    encoding, compact)."""
+    out = {}
+    for name, array in arrays.items():
+        out[name] = tensor_pb2.TensorProto()
+        fill_tensor_proto(out[name], array)
+    return out

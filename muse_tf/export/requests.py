@@ -1,7 +1,9 @@
 """The one builder of serving requests: NumPy inputs for the muse_tf signatures.
 
-Every request is a batch of ONE user (TF Serving batches users across requests); its
-arrays follow :mod:`muse_tf.export.signatures`:
+Every builder makes a batch of ONE user (TF Serving batches users across requests);
+:func:`batch_requests` stacks such requests into one request of ``B`` users (what TF
+Serving's batching feeds the signature, or what a caller that ranks for many users at once
+sends). The arrays follow :mod:`muse_tf.export.signatures`:
 
 * a **retrieval query** (:func:`retrieval_query`, :func:`retrieval_queries_from_examples`):
   the user features, the history and ``hist_len``;
@@ -449,6 +451,43 @@ def random_retrieval_query(max_seq_len: int, batch_size: int = 1,
         else:
             columns[name] = rng.integers(1, 2**62, batch_size, dtype=np.int64)
     return _query_block(columns, lengths, max_seq_len)
+
+
+def batch_requests(batch: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One request of ``B = len(batch)`` users from requests of the same signature (each
+    from a builder of this module, any number of users each), rows in order.
+
+    The static sizes are the signature's, so the arrays stack along the batch dimension
+    as they are (the export's ``max_batch_size`` still bounds ``B``: :func:`check_inputs`).
+
+    Raises:
+      ValueError: no request, requests with other inputs, or inputs whose non-batch shapes
+        or dtypes differ (requests built for different signatures), naming the input.
+    """
+    batch = list(batch)
+    if not batch:
+        raise ValueError("batch_requests needs at least one request, got none")
+    names = list(batch[0])
+    for index, request in enumerate(batch[1:], start=1):
+        if set(request) != set(names):
+            raise ValueError(f"request {index} has inputs {sorted(request)} but request 0 has "
+                             f"{sorted(names)}: requests of one batch are for one signature")
+    out = {}
+    for name in names:
+        arrays = [np.asarray(request[name]) for request in batch]
+        first = arrays[0]
+        if first.ndim == 0:
+            raise ValueError(f"input {name!r} of request 0 is a scalar; every input of a "
+                             "muse_tf signature has a batch dimension (one row per user)")
+        for index, array in enumerate(arrays[1:], start=1):
+            if array.shape[1:] != first.shape[1:] or array.dtype != first.dtype:
+                raise ValueError(
+                    f"input {name!r} is {array.dtype} {list(array.shape)} in request {index} "
+                    f"but {first.dtype} {list(first.shape)} in request 0: requests of one "
+                    "batch are built for one signature (the same max_seq_len and "
+                    "max_candidates)")
+        out[name] = np.concatenate(arrays, axis=0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -331,6 +331,35 @@ def test_different_batch_sizes_and_too_large_batches_are_named():
         requests.check_inputs(_rows(1), max_seq_len=5, max_candidates=4, max_batch_size=0)
 
 
+def test_batch_requests_stacks_users_in_order():
+    first = _request()
+    second = _request(user={"user_id": 10}, history_items=[1], history_categories=[2],
+                      candidates=[{ITEM: 7}])
+    batch = requests.batch_requests([first, second, first])
+    assert list(batch) == list(first)
+    for name, value in batch.items():
+        assert value.dtype == first[name].dtype, name
+        np.testing.assert_array_equal(value, np.concatenate([first[name], second[name],
+                                                             first[name]]), err_msg=name)
+    assert batch[LEN].tolist() == [3, 1, 3] and batch[COUNT].tolist() == [2, 1, 2]
+    requests.check_inputs(batch, max_seq_len=5, max_candidates=4)
+    # A batch of batches is a batch too.
+    assert requests.batch_requests([batch, second])[ITEM].shape == (4, 4)
+
+
+@pytest.mark.parametrize(("batch", "fragment"), [
+    ([], "at least one request"),
+    ([_request(), {k: v for k, v in _request().items() if k != ITEM}],
+     "request 1 has inputs"),
+    ([_request(), _request(max_seq_len=6)], r"'hist_item_id' is int64 \[1, 6\] in request 1"),
+    ([_request(), _request(max_candidates=3)], r"'item_id' is int64 \[1, 3\] in request 1"),
+    ([{k: np.asarray(v[0]) for k, v in _request().items()}], "is a scalar"),
+])
+def test_batch_requests_refuses_requests_of_different_signatures(batch, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        requests.batch_requests(batch)
+
+
 # ---------------------------------------------------------------------------------------------
 # The warm-up writer.
 # ---------------------------------------------------------------------------------------------

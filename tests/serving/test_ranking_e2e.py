@@ -65,6 +65,25 @@ def test_served_scores_equal_in_process_predictions(served):
             np.testing.assert_allclose(scores, singles, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_request_of_several_users_scores_each_user_as_alone(served):
+    """The signature takes B users per call (what TF Serving's batching feeds it): row u
+    of a batched request scores what user u's own request scores."""
+    _, config, handle, info = served
+    examples = export.warmup_batch(DataDir.open(config.data.data_dir), info["max_seq_len"])
+    singles = requests.ranking_requests_from_examples(
+        examples, max_seq_len=info["max_seq_len"], max_candidates=info["max_candidates"],
+        num_requests=5, candidates_per_request=info["max_candidates"] - 1)
+    singles[1] = requests.ranking_request(  # an empty history and one candidate between
+        {"user_id": 3}, [], [], [{schema.ITEM_ID.name: 5}],
+        max_seq_len=info["max_seq_len"], max_candidates=info["max_candidates"])
+    with PredictionClient(handle.address) as client:
+        alone = [client.predict(RANKING_MODEL_NAME, one)["scores"][0] for one in singles]
+        together = client.predict(RANKING_MODEL_NAME, requests.batch_requests(singles))
+    assert together["scores"].shape == (len(singles), info["max_candidates"])
+    np.testing.assert_allclose(together["scores"], np.stack(alone), atol=1e-5)
+
+
 def _one_candidate_request(served) -> tuple[dict[str, np.ndarray], tuple]:
     """A valid ranking request (the first warm-up user with one candidate) and what it was
     built from: ``(user, items, categories, candidate)``."""

@@ -113,6 +113,37 @@ def test_parse_tensor_names_the_input_of_a_malformed_proto():
         signatures.parse_tensor("hist", proto)
 
 
+@pytest.mark.parametrize("array", [
+    np.zeros((2, 8), np.int64), np.array([[INT64_MIN, INT64_MAX, 0]]), np.array([5], np.int64),
+    np.array([], np.int64), np.zeros((0, 4), np.float32), np.array(3, np.int32),
+    np.array([2.5], np.float32), np.array([[1.5, -0.0]], np.float64), np.array(7.0),
+    np.array([[np.nan, np.inf]], np.float32), np.array([7], np.int8),
+    np.arange(12, dtype=np.float16).reshape(3, 4), np.array([1], np.float16),
+    np.arange(6, dtype=np.uint16).reshape(2, 3), np.arange(6, dtype=np.uint32),
+    np.array([True, False]), np.array([b"a", b"bc"], dtype=object),
+    np.asfortranarray(np.arange(6).reshape(2, 3)), np.arange(10)[::2],
+], ids=lambda a: f"{a.dtype}{list(a.shape)}")
+def test_fill_tensor_proto_is_make_tensor_proto_and_parse_tensor_reads_it_back(array):
+    proto = tf.make_tensor_proto(np.array([1, 2, 3], np.int64))  # stale content is replaced
+    signatures.fill_tensor_proto(proto, array)
+    expected = tf.make_tensor_proto(array)
+    assert proto.SerializeToString() == expected.SerializeToString()
+    (fast,) = signatures.as_tensor_protos({"x": array}).values()
+    assert fast.SerializeToString() == expected.SerializeToString()
+    back, reference = signatures.parse_tensor("x", proto), tf.make_ndarray(expected)
+    assert back.dtype == reference.dtype and back.shape == reference.shape
+    if array.dtype.kind == "f":
+        np.testing.assert_array_equal(back, reference)  # NaN == NaN here
+    else:
+        assert back.tolist() == reference.tolist()
+
+
+def test_parse_tensor_views_tensor_content_in_place_read_only():
+    proto = tf.make_tensor_proto(np.arange(8, dtype=np.int64).reshape(2, 4))
+    array = signatures.parse_tensor("hist", proto)
+    assert array.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and not array.flags.writeable
+
+
 def test_missing_ops_and_scann_detection():
     meta_graph = meta_graph_pb2.MetaGraphDef()
     meta_graph.graph_def.node.add(name="a", op="Placeholder")
