@@ -31,6 +31,26 @@ def fresh_initializer(initializer: tf.keras.initializers.Initializer,
 PROJECTION_ACTIVATIONS = (None, "silu")
 
 
+# The attention products below are batched matrix products (``tf.matmul``) rather than
+# ``tf.einsum``: the same values, but on CPU einsum's forward and gradient run 2-3x slower
+# at these shapes (measured: [1000, 1, 32] x [1000, 50, 1, 32], forward + backward).
+def heads_first(x: tf.Tensor) -> tf.Tensor:
+    """``[batch, K, H, d] -> [batch, H, K, d]``."""
+    return tf.transpose(x, [0, 2, 1, 3])
+
+
+def per_head_logits(query: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
+    """``a^h_i = q^h · k^h_i``: query ``[batch, H, d]``, keys ``[batch, K, H, d]`` ->
+    ``[batch, H, K]``."""
+    return tf.matmul(query[:, :, tf.newaxis, :], heads_first(keys), transpose_b=True)[:, :, 0, :]
+
+
+def per_head_pool(weights: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+    """``o^h = Σ_i w^h_i v^h_i``: weights ``[batch, H, K]``, values ``[batch, K, H, d]`` ->
+    ``[batch, H, d]``."""
+    return tf.matmul(weights[:, :, tf.newaxis, :], heads_first(values))[:, :, 0, :]
+
+
 @tf.keras.utils.register_keras_serializable(package="muse_tf")
 class MultiHeadAttentionLogits(tf.keras.layers.Layer):
     """Per-head target-attention logits between one query and K keys.
@@ -216,9 +236,9 @@ class MultiHeadAttentionLogits(tf.keras.layers.Layer):
         """``a^h_i``: ``[batch, H, K]`` (inputs already checked and cast)."""
         if self.projects_keys:
             projected_query, projected_keys = self._projected(query, keys)
-            return tf.einsum("bhd,bkhd->bhk", projected_query, projected_keys)
+            return per_head_logits(projected_query, projected_keys)
         key_space, offset = self.key_space_query(query, keys)
-        return tf.einsum("bhe,bke->bhk", key_space, keys) + offset[:, :, tf.newaxis]
+        return tf.matmul(key_space, keys, transpose_b=True) + offset[:, :, tf.newaxis]
 
     def head_mean_logits(self, query: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
         """``(1/H) Σ_h a^h_i``: ``[batch, K]`` (one matrix-vector product over the keys
@@ -227,7 +247,7 @@ class MultiHeadAttentionLogits(tf.keras.layers.Layer):
             return tf.reduce_mean(self.logits(query, keys), axis=1)
         key_space, offset = self.key_space_query(query, keys)
         mean_query = tf.reduce_mean(key_space, axis=1)
-        return (tf.einsum("be,bke->bk", mean_query, keys)
+        return (tf.linalg.matvec(keys, mean_query)
                 + tf.reduce_mean(offset, axis=1)[:, tf.newaxis])
 
     def candidate_mean_logits(self, query: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
@@ -244,7 +264,7 @@ class MultiHeadAttentionLogits(tf.keras.layers.Layer):
         key_space = tf.reshape(tf.reduce_mean(key_space, axis=1),
                                [-1, candidates, keys.shape[-1]])
         offset = tf.reshape(tf.reduce_mean(offset, axis=1), [-1, candidates])
-        return tf.einsum("bce,bke->bck", key_space, keys) + offset[:, :, tf.newaxis]
+        return tf.matmul(key_space, keys, transpose_b=True) + offset[:, :, tf.newaxis]
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

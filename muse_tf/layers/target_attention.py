@@ -6,7 +6,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from muse_tf.layers.attention_logits import MultiHeadAttentionLogits, fresh_initializer
+from muse_tf.layers.attention_logits import (
+    MultiHeadAttentionLogits,
+    fresh_initializer,
+    per_head_pool,
+)
 from muse_tf.layers.checks import check_mask, check_positive_int
 from muse_tf.layers.masked_softmax import masked_softmax
 
@@ -125,9 +129,9 @@ class TargetAttention(tf.keras.layers.Layer):
         weights = masked_softmax(logits, mask[:, tf.newaxis, :], axis=-1)
         if self.logits_layer.projects_keys:
             values = self.logits_layer.project(keys, self.value_kernel, self.value_bias)
-            heads = tf.einsum("bhk,bkhd->bhd", weights, values)
+            heads = per_head_pool(weights, values)
             return tf.reshape(heads, [-1, self.num_heads * self.head_dim])
-        pooled_keys = tf.einsum("bhk,bke->bhe", weights, keys)
+        pooled_keys = tf.matmul(weights, keys)                                  # [B, H, D_k]
         heads = tf.einsum("bhe,ehd->bhd", pooled_keys, self.value_kernel)
         if self.value_bias is not None:
             # Σ_i w_i (W_v k_i + b_v) = W_v Σ_i w_i k_i + b_v Σ_i w_i (0 for an empty row).

@@ -169,11 +169,14 @@ class RankingModel(TwoOptimizerModel):
                 raise ValueError(f"candidate feature {name} must be [batch, candidates], got "
                                  f"shape {tensor.shape}")
         num_candidates = tf.shape(candidates[schema.ITEM_ID.name])[1]
+        one_candidate = candidates[schema.ITEM_ID.name].shape[1] == 1  # training, call()
         history = features_layer.encode_history(features, parts=())  # rows, masks, lengths
         valid = history["valid"]                                                # [B, L]
 
         def per_candidate(user_side: tf.Tensor) -> tf.Tensor:
-            """[B, ...] -> [B*C, ...] (row b*C + c belongs to user b)."""
+            """[B, ...] -> [B*C, ...] (row b*C + c belongs to user b; no copy for C = 1)."""
+            if one_candidate:
+                return user_side
             return tf.repeat(user_side, num_candidates, axis=0)
 
         target_all_rows = features_layer.item_lookup.lookup_all(
@@ -202,7 +205,7 @@ class RankingModel(TwoOptimizerModel):
                                                per_candidate(short_mask)))
         parts.append(per_candidate(masked_mean(short, short_mask)))             # [B*C, 2E]
         if self.short_term_simtier is not None:
-            cosines = tf.einsum("bcd,bsd->bcs", target_side.mm, self.mm_table(short_rows))
+            cosines = tf.matmul(target_side.mm, self.mm_table(short_rows), transpose_b=True)
             has_mm = (short_mask & self.mm_table.has_embedding(short_rows))[:, tf.newaxis, :]
             parts.append(self.short_term_simtier(
                 flatten_candidates(cosines),
@@ -240,8 +243,8 @@ class RankingModel(TwoOptimizerModel):
         if self.gsu.scores_are_similarity:
             relevance = flatten_candidates(selection["scores"])
         else:
-            relevance = tf.einsum("nd,nkd->nk", flatten_candidates(target.mm),
-                                  self.mm_table(flat_rows))
+            relevance = tf.linalg.matvec(self.mm_table(flat_rows),
+                                         flatten_candidates(target.mm))        # [B*C, K]
         relevance = tf.where(has_mm, relevance, 0.0)
 
         flat_target = flatten_candidates(target.id)

@@ -212,6 +212,53 @@ def test_table_top_k_matches_numpy_reference(chunk_bytes, storage):
     assert not np.isin(out["indices"][out["mask"]], np.arange(4)).any()
 
 
+@pytest.mark.parametrize("storage", ["float32", "int8"])
+@pytest.mark.parametrize("candidates", [None, 3])
+@pytest.mark.parametrize("block_bytes,static_length", [
+    (None, True),           # every user in one block
+    (3 * 20 * 4 * 4, True),  # 3 whole histories a block: 7 users in 3 blocks, the last padded
+    (1, True),              # no history fits: the table's own position blocks
+    (3 * 20 * 4 * 4, False),  # history length only known when run
+    (1, False),
+])
+def test_table_similarity_is_the_tables_bit_for_bit(storage, candidates, block_bytes,
+                                                    static_length):
+    rng = np.random.default_rng(18)
+    batch, length, num_rows, dim = 7, 20, 30, 4
+    if storage == "int8":
+        table, _ = _int8_table(rng, num_rows, dim, missing=(0, 1, 9))
+    else:
+        table = _table(_table_array(rng, num_rows, dim, missing=(0, 1, 9)))
+    table.chunk_bytes = 100  # several position blocks on the table's path
+    layer = MultimodalGSU(top_k=3, table=table)
+    if block_bytes is not None:
+        layer.block_bytes = block_bytes
+    queries = unit_rows(rng, (batch, dim) if candidates is None else (batch, candidates, dim))
+    rows = rng.integers(0, num_rows, size=(batch, length)).astype(np.int32)
+    similarity = tf.function(layer.table_similarity, input_signature=[
+        tf.TensorSpec([None, *queries.shape[1:]]),
+        tf.TensorSpec([None, length if static_length else None], tf.int32)])
+    got = similarity(queries, rows).numpy()
+    np.testing.assert_array_equal(got, table.similarity(queries, rows).numpy())
+    shape = (length,) if candidates is None else (candidates, length)
+    assert got.shape == (batch, *shape)
+    assert similarity(queries[:0], rows[:0]).numpy().shape == (0, *shape)
+
+
+def test_table_search_walks_whole_histories_of_several_users_a_block():
+    table = _table(np.eye(8, 4, dtype=np.float32))
+    layer = MultimodalGSU(top_k=5, table=table)
+    fn = tf.function(lambda t, r, m: layer({MM: t}, {ROWS: r}, mask=m)).get_concrete_function(
+        tf.TensorSpec([None, 4]), tf.TensorSpec([None, 1000], tf.int32),
+        tf.TensorSpec([None, 1000], tf.bool))
+    ops = [op.type for op in fn.graph.get_operations()]
+    # One loop over blocks of users (no cond: the history length is static), one top-K.
+    assert ops.count("While") + ops.count("StatelessWhile") == 1
+    assert "If" not in ops and "StatelessIf" not in ops
+    assert ops.count("TopKV2") == 1
+    assert layer.block_bytes // (1000 * 4 * 4) > 1
+
+
 def test_table_fewer_rows_with_embedding_than_k():
     rng = np.random.default_rng(12)
     array = _table_array(rng, 6, 3, missing=(0, 1, 2))

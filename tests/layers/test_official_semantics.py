@@ -106,6 +106,28 @@ def test_official_sa_ta_matches_numpy():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_multi_head_silu_target_attention_matches_numpy():
+    rng = np.random.default_rng(6)
+    layer = TargetAttention(3, 2, use_bias=True, activation="silu", scaled=False,
+                            bias_initializer=tf.keras.initializers.Constant(0.1))
+    query = rng.normal(size=(4, 5)).astype(np.float32)
+    keys = rng.normal(size=(4, 6, 3)).astype(np.float32)
+    mask = rng.random((4, 6)) < 0.7
+    mask[1] = False
+    out = layer(query, keys, mask=mask).numpy()
+    logits = layer.logits_layer
+    kept = np.where(mask[..., None], keys, 0)
+    expected = []
+    for h in range(3):
+        q = _silu(query @ logits.query_kernel.numpy()[:, h] + logits.query_bias.numpy()[h])
+        k = _silu(kept @ logits.key_kernel.numpy()[:, h] + logits.key_bias.numpy()[h])
+        v = _silu(kept @ layer.value_kernel.numpy()[:, h] + layer.value_bias.numpy()[h])
+        weights = softmax_reference(np.einsum("bd,bkd->bk", q, k), mask)
+        expected.append(np.einsum("bk,bkd->bd", weights, v))
+    np.testing.assert_allclose(out, np.concatenate(expected, axis=-1), rtol=1e-5, atol=1e-6)
+    assert not out[1].any()
+
+
 def test_projected_logits_candidates_equal_one_query_at_a_time():
     rng = np.random.default_rng(5)
     layer = MultiHeadAttentionLogits(2, 3, use_bias=True, activation="silu", scaled=False)
