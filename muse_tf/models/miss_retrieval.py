@@ -13,9 +13,12 @@ top-down with a learned (user, node) scorer. This module holds:
       logit(u, n) = MLP([e_n, o_n, e_n ⊙ s_u, GSU scores, s_u, user attributes])
 
   with ``s_u`` the masked mean ID embedding of the newest ``short_term_len`` behaviours. The
-  node axis is explicit: histories are encoded once per user (:meth:`encode_user`) and every
-  similarity is one ``[B, M, L]`` product with the top-K over the last axis; the history is
-  never tiled ``M`` times. Features come from one
+  node axis is explicit: histories are encoded once per user (:meth:`encode_user`: the ID
+  embeddings, ``s_u``, the user attributes and the GSU's search keys, i.e. the ID embeddings
+  and the dequantised unit SCL vectors with the behaviour mask folded in as a ``0 / -inf``
+  column, :meth:`CoMultimodalGSU.encode_history`), and each search is then one ``[B, M, L]``
+  matrix product with the top-K over the last axis; the history is never tiled ``M`` times
+  nor re-read from the multimodal table per call. Features come from one
   :class:`~muse_tf.embeddings.feature_embeddings.FeatureEmbeddings` (as the two-tower's).
 * :class:`TrainingNodes`: TDM-style training targets of clicked items in TF ops (they run
   inside the tf.data pipeline): positives = ancestors at levels ``1 .. depth``, negatives =
@@ -44,6 +47,7 @@ from muse_tf.embeddings.feature_embeddings import VALID, FeatureEmbeddings
 from muse_tf.index.beam_search import BeamSearchResult, TreeTensors, tree_beam_search
 from muse_tf.index.tree import IndexTree
 from muse_tf.layers import CoMultimodalGSU, MLPTower, TargetAttention
+from muse_tf.layers.co_multimodal_gsu import SEARCH_KEYS
 from muse_tf.layers.search_unit import ID, MM, ROWS
 from muse_tf.layers.topk import INDICES, MASK, SCORES
 from muse_tf.training.step import TwoOptimizerModel
@@ -246,17 +250,30 @@ class MissNodeScorer(TwoOptimizerModel):
         return cls(model_config, config.pop("vocabularies"), **config)
 
     # ------------------------------------------------------------------ forward
-    def encode_user(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """Node-independent user tensors, computed once per user (not once per node)."""
+    def encode_user(self, features: Mapping[str, tf.Tensor],
+                    search_keys: bool = True) -> dict[str, tf.Tensor]:
+        """Node-independent user tensors, computed once per user (not once per node).
+
+        Always the history's ``rows``, ``valid`` and ID embeddings ``[B, L, 2E]``, ``short``
+        (``s_u``, ``[B, 2E]``) and ``attributes`` ``[B, user_dim]``. With ``search_keys``
+        also the GSU's ``co_keys`` ``[B, L, 2E + 1]`` and ``mm_keys`` ``[B, L, D + 1]``
+        (:meth:`CoMultimodalGSU.encode_history`), which :meth:`score_nodes` then searches
+        with two matrix products; without them it streams the int8 multimodal table in every
+        call (:meth:`CoMultimodalGSU.call`: the same selection up to float rounding, no
+        ``[B, L, D]`` float tensor, but the table is re-read for every set of nodes).
+        """
         user = self.features.encode_history(features, parts=(ID,))
         user["short"] = self.features.short_term_mean(user)                 # [B, 2E]
         user["attributes"] = self.features.user_attributes(features)        # [B, 5E]
+        if search_keys:
+            user.update(self.gsu.encode_history({ID: user[ID], ROWS: user[ROWS]}, user[VALID]))
         return user
 
     def score_nodes(self, user: Mapping[str, tf.Tensor], node_ids: tf.Tensor,
                     training: bool = False) -> tf.Tensor:
         """Logits ``[B, M]`` of the user tensors of :meth:`encode_user` for ``node_ids``
-        int ``[B, M]``."""
+        int ``[B, M]`` (the GSU searches the user's search keys when :meth:`encode_user` made
+        them, else streams the multimodal table)."""
         node_ids = tf.convert_to_tensor(node_ids)
         if node_ids.shape.rank != 2:
             raise ValueError(f"MissNodeScorer: {NODE_IDS} must be [batch, nodes], got shape "
@@ -267,8 +284,11 @@ class MissNodeScorer(TwoOptimizerModel):
         tf.debugging.assert_non_negative(node_ids, message=f"{NODE_IDS} must be >= 0")
         node_emb = self.node_embedding(node_ids)                            # [B, M, 2E]
         node_mm = tf.gather(self.node_mm, node_ids)                         # [B, M, D]
-        selection = self.gsu({ID: node_emb, MM: node_mm},
-                             {ID: user[ID], ROWS: user[ROWS]}, user[VALID])  # [B, M, K]
+        target = {ID: node_emb, MM: node_mm}
+        if all(key in user for key in SEARCH_KEYS):
+            selection = self.gsu.search(target, user)                       # [B, M, K]
+        else:
+            selection = self.gsu(target, {ID: user[ID], ROWS: user[ROWS]}, user[VALID])
         keys = tf.gather(user[ID], selection[INDICES], batch_dims=1)        # [B, M, K, 2E]
 
         num_nodes = tf.shape(node_ids)[1]
@@ -320,9 +340,11 @@ class MissTreeIndex(tf.Module):
     """Layer-wise beam search of a trained :class:`MissNodeScorer` over its index tree.
 
     Same query interface as the TFRS top-k layers: ``call(features, k) -> (scores, item_ids)``
-    (float32 / int64 ``[B, k]``, best first). The user is encoded once; each searched level
-    scores its ``M`` candidate nodes with one :meth:`MissNodeScorer.score_nodes` call
-    (``M = 2**start_level`` at the first level, ``2 * beam_width`` below it).
+    (float32 / int64 ``[B, k]``, best first). The user is encoded once, its GSU search keys
+    included (:meth:`MissNodeScorer.encode_user`); each searched level scores its ``M``
+    candidate nodes with one :meth:`MissNodeScorer.score_nodes` call (``M = 2**start_level``
+    at the first level, ``2 * beam_width`` below it): per level and search one ``[B, M, L]``
+    matrix product and one top-K, plus one scatter that keeps MM-GSU off Co-GSU's picks.
 
     Args:
       scorer: the trained scorer (its node tables index ``tree``'s nodes).

@@ -96,7 +96,8 @@ from muse_tf.training.strategy import (
     worker_role,
 )
 
-__all__ = ["TREE_FILE", "Catalogue", "click_counts", "run_retrieval", "summary_table"]
+__all__ = ["TREE_FILE", "Catalogue", "click_counts", "miss_eval_batch_size", "run_retrieval",
+           "summary_table"]
 
 TREE_FILE = "index_tree.npz"
 #: Cap on B * M * L elements of one MISS scoring call ([B, M, L] similarity tensors).
@@ -245,6 +246,16 @@ class _Run:
         return result
 
 
+def miss_eval_batch_size(eval_batch_size: int, beam_width: int, depth: int,
+                         seq_len: int) -> int:
+    """Queries per MISS beam-search call: ``eval_batch_size``, capped so that one level's
+    ``[B, M, L]`` score tensors (``M = 2 * beam_width`` candidate nodes, ``L = seq_len``) hold
+    at most ``2**24`` elements (83 queries at beam 100, L = 1,000)."""
+    width_per_level = max(2 * min(beam_width, 1 << max(depth - 1, 0)), 1)
+    return max(1, min(eval_batch_size,
+                      _MISS_SCORE_ELEMENTS // (width_per_level * max(seq_len, 1))))
+
+
 def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
              data_dir: str | DataDir | None = None) -> dict[str, Any]:
     """Builds the tree, trains the MISS scorer, evaluates the beam search, exports."""
@@ -289,10 +300,8 @@ def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
         kept.append([k.numpy()[in_tree] for k in result["kept_nodes"]])
         positives.append(tree.ancestors(queried[in_tree], include_root=True)[:, levels])
 
-    # Bounds the [B, M, L] similarity tensors of one scoring call.
-    width_per_level = max(2 * min(retrieval.beam_width, 1 << max(tree.depth - 1, 0)), 1)
-    batch_size = max(1, min(config.data.eval_batch_size,
-                            _MISS_SCORE_ELEMENTS // (width_per_level * run.seq_len)))
+    batch_size = miss_eval_batch_size(config.data.eval_batch_size, retrieval.beam_width,
+                                      tree.depth, run.seq_len)
     evaluation = evaluate_retrieval(search, run.test_batches(batch_size),
                                     on_result=record_levels, max_steps=config.train.max_eval_steps)
     test = run.test_section(evaluation, top_n, batch_size)

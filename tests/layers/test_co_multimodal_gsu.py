@@ -9,8 +9,14 @@ import tensorflow as tf
 from muse_tf.embeddings.arrays import normalise_rows
 from muse_tf.embeddings.multimodal_table import FrozenMultimodalTable
 from muse_tf.layers import CoMultimodalGSU
-from muse_tf.layers.co_multimodal_gsu import selected_positions
+from muse_tf.layers.co_multimodal_gsu import (
+    exclude_selected,
+    masked_keys,
+    ranked_top_k,
+    selected_positions,
+)
 from muse_tf.layers.search_unit import ID, MM, ROWS
+from muse_tf.layers.topk import masked_top_k
 
 from .harness import (
     assert_config_round_trip,
@@ -285,3 +291,136 @@ def test_table_round_trips(tmp_path):
     assert_config_round_trip(layer, args, {"mask": mask})  # vectors copied by set_weights
     assert_saved_model_round_trip(CoMultimodalGSU(top_k=5, co_top_k=2, table=_table(array)),
                                   args, {"mask": mask}, tmp_path)
+
+
+# --- many targets: encode_history once, search per set of targets --------------------
+
+def _search(layer, target, history, mask):
+    keys = layer.encode_history(history, mask)
+    return {k: v.numpy() for k, v in layer.search(target, keys).items()}
+
+
+def _assert_same_selection(got, expected, atol=1e-6):
+    np.testing.assert_array_equal(got["indices"], expected["indices"])
+    np.testing.assert_array_equal(got["mask"], expected["mask"])
+    np.testing.assert_allclose(got["scores"], expected["scores"], rtol=1e-5, atol=atol)
+
+
+def test_masked_keys_and_ranked_top_k_by_hand():
+    vectors = tf.constant([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]])
+    keys = masked_keys(vectors, tf.constant([[True, False, True]])).numpy()
+    np.testing.assert_array_equal(keys, [[[1, 2, 0], [3, 4, -np.inf], [5, 6, 0]]])
+    # [t, 1] . keys = the score, or -inf for the masked behaviour.
+    scores = tf.matmul(tf.constant([[[1.0, 1.0, 1.0]]]), keys, transpose_b=True)
+    np.testing.assert_array_equal(scores.numpy(), [[[3.0, -np.inf, 11.0]]])
+    out = {k: v.numpy() for k, v in ranked_top_k(scores, 4).items()}  # k > L: padded
+    assert out["indices"].tolist() == [[[2, 0, 0, 0]]]
+    assert out["scores"].tolist() == [[[11.0, 3.0, 0.0, 0.0]]]
+    assert out["mask"].tolist() == [[[True, True, False, False]]]
+
+
+def test_ranked_top_k_equals_masked_top_k_with_ties():
+    rng = np.random.default_rng(30)
+    scores = np.round(rng.standard_normal((40, 50)), 1).astype(np.float32)  # many ties
+    mask = rng.random((40, 50)) < 0.7
+    mask[3] = False
+    mask[4, 3:] = False
+    expected = masked_top_k(scores, mask, 9)
+    got = ranked_top_k(tf.where(mask, scores, -np.inf), 9)
+    for key in ("indices", "scores", "mask"):
+        np.testing.assert_array_equal(got[key].numpy(), expected[key].numpy(), err_msg=key)
+
+
+def test_exclude_selected_ignores_unused_slots():
+    ranked = tf.constant([[[1.0, 2.0, 3.0, -np.inf]], [[4.0, 5.0, 6.0, 7.0]]])   # [2, 1, 4]
+    selection = {"indices": tf.constant([[[2, 0, 0]], [[1, 3, 0]]]),
+                 "mask": tf.constant([[[True, False, False]], [[True, True, False]]])}
+    out = exclude_selected(ranked, selection).numpy()
+    np.testing.assert_array_equal(out, [[[1, 2, -np.inf, -np.inf]],
+                                        [[4, -np.inf, 6, -np.inf]]])
+
+
+@pytest.mark.parametrize("k,k_co", [(10, 5), (7, 2), (6, 5), (9, 1)])
+@pytest.mark.parametrize("candidates", [None, 4])
+def test_search_matches_call_and_numpy_reference(k, k_co, candidates):
+    rng, target, history, mask = _random_case(seed=k * 10 + k_co + (candidates or 0))
+    mask[1, 5:] = False  # 5 valid: fewer than K
+    mask[2, :3] = False
+    history[ID][0, 10:20] = history[ID][0, :10]   # repeated behaviours: tied scores
+    history[MM][0, 10:20] = history[MM][0, :10]
+    if candidates:
+        target = {ID: rng.standard_normal((3, candidates, 6)).astype(np.float32),
+                  MM: unit_rows(rng, (3, candidates, 8))}
+        target[MM][1, 0] = 0.0  # no target vector: every cosine ties at 0
+    layer = CoMultimodalGSU(top_k=k, co_top_k=k_co)
+    got = _search(layer, target, history, mask)
+    _assert_same_selection(got, _out(layer, target, history, mask))
+    for c in range(candidates or 1):
+        single = ({key: value[:, c] for key, value in target.items()} if candidates
+                  else target)
+        expected = _co_mm_reference(*_scores(single, history), mask, mask, k, k_co)
+        _assert_same_selection({key: v[:, c] if candidates else v for key, v in got.items()},
+                               expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["float32", "int8"])
+def test_search_with_a_table_matches_call(storage):
+    array, target, rows, history_id, mask = _table_case(length=40)
+    table, _ = _int8_table(array) if storage == "int8" else (_table(array), None)
+    rng = np.random.default_rng(31)
+    targets = {ID: rng.standard_normal((2, 5, 3)).astype(np.float32),
+               MM: unit_rows(rng, (2, 5, array.shape[1]))}
+    targets[MM][0, 2] = 0.0
+    mask[1, 6:] = False
+    layer = CoMultimodalGSU(top_k=8, co_top_k=3, table=table)
+    history = {ID: history_id, ROWS: rows}
+    keys = layer.encode_history(history, mask)
+    assert keys["co_keys"].shape == (2, 40, 4) and keys["mm_keys"].shape == (2, 40, 5)
+    # Behaviours without a multimodal embedding can be Co-GSU's, never MM-GSU's.
+    present = table.has_embedding(rows).numpy()
+    assert np.all(np.isneginf(keys["mm_keys"].numpy()[..., -1]) == ~(mask & present))
+    for given in (target, targets):
+        got = {k: v.numpy() for k, v in layer.search(given, keys).items()}
+        _assert_same_selection(got, _out(layer, given, history, mask), atol=1e-5)
+
+
+def test_search_gradients_equal_calls():
+    _, target, history, mask = _random_case(seed=32, length=30)
+    layer = CoMultimodalGSU(top_k=6, co_top_k=3)
+    tensors = {"target_id": tf.constant(target[ID]), "history_id": tf.constant(history[ID])}
+
+    def gradients(searched: bool) -> list[np.ndarray]:
+        with tf.GradientTape() as tape:
+            tape.watch(list(tensors.values()))
+            t = {ID: tensors["target_id"], MM: target[MM]}
+            h = {ID: tensors["history_id"], MM: history[MM]}
+            out = (layer.search(t, layer.encode_history(h, mask)) if searched
+                   else layer(t, h, mask=mask))
+            loss = tf.reduce_sum(out["scores"] * tf.range(6, dtype=tf.float32))
+        return [g.numpy() for g in tape.gradient(loss, list(tensors.values()))]
+
+    for got, expected in zip(gradients(True), gradients(False), strict=True):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_search_errors():
+    layer = CoMultimodalGSU(top_k=4)
+    history = {ID: tf.zeros([1, 5, 3]), MM: tf.zeros([1, 5, 2])}
+    mask = tf.ones([1, 5], tf.bool)
+    keys = layer.encode_history(history, mask)
+    target = {ID: tf.zeros([1, 3]), MM: tf.zeros([1, 2])}
+    with pytest.raises(ValueError, match=r"CoMultimodalGSU: `history` must be a dict with keys "
+                                         r"\['id', 'mm'\], got \['id'\]"):
+        layer.encode_history({ID: history[ID]}, mask)
+    with pytest.raises(ValueError, match=r"sequence length size of `mask`"):
+        layer.encode_history(history, tf.ones([1, 4], tf.bool))
+    with pytest.raises(ValueError, match=r"`keys` must be a dict with keys \['co_keys', "
+                                         r"'mm_keys'\], got \['id', 'mm'\]"):
+        layer.search(target, history)
+    with pytest.raises(ValueError, match=r"`target\['mm'\]` has shape \(1, 3\) but "
+                                         r"`keys\['mm_keys'\]` has shape \(1, 5, 3\): keys are "
+                                         r"the target's size \+ 1"):
+        layer.search({ID: target[ID], MM: tf.zeros([1, 3])}, keys)
+    with pytest.raises(ValueError, match=r"both have a candidate axis or neither"):
+        layer.search({ID: target[ID], MM: tf.zeros([1, 4, 2])}, keys)

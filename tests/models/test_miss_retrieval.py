@@ -21,6 +21,7 @@ from muse_tf.embeddings import build_vocabularies, multimodal_codes
 from muse_tf.embeddings.arrays import normalise_rows
 from muse_tf.embeddings.vocabulary import read_vocabulary_ids
 from muse_tf.export.retrieval import export_retrieval, serving_signature
+from muse_tf.index.beam_search import tree_beam_search
 from muse_tf.index.tree import IndexTree
 from muse_tf.models.miss_retrieval import (
     NODE_IDS,
@@ -334,6 +335,36 @@ def test_pruned_beam_keeps_the_best_children_level_by_level(world, trained):
         np.testing.assert_array_equal(result.kept_nodes[j].numpy(), best)
     with pytest.raises(ValueError, match="k=5 must be in"):
         index(queries, k=5)
+
+
+def test_search_keys_give_the_streaming_scores(world, trained):
+    tree = world["tree"]
+    queries = make_queries(tree, 4, seed=12)
+    nodes = np.random.default_rng(5).integers(0, tree.num_nodes, (4, 9)).astype(np.int32)
+    user = trained.encode_user(queries)
+    assert user["co_keys"].shape[-1] == 2 * SMALL.id_embedding_dim + 1
+    streamed = trained.encode_user(queries, search_keys=False)
+    assert "co_keys" not in streamed and "mm_keys" not in streamed
+    np.testing.assert_allclose(trained.score_nodes(user, nodes).numpy(),
+                               trained.score_nodes(streamed, nodes).numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_beam_search_equals_the_streaming_path(world, trained):
+    # The search (GSU keys made once per user) against the path that streams the
+    # multimodal table at every level: the same nodes at every level, the same items.
+    tree = world["tree"]
+    queries = make_queries(tree, 6, seed=13)
+    index = MissTreeIndex(trained, tree, beam_width=3, top_n=5)
+    result = index.search(queries)
+    streamed = trained.encode_user(queries, search_keys=False)
+    reference = tree_beam_search(lambda nodes: trained.score_nodes(streamed, nodes),
+                                 index.tree_tensors, 3, 5, batch_size=6)
+    for got, expected in zip(result.kept_nodes, reference.kept_nodes, strict=True):
+        np.testing.assert_array_equal(got.numpy(), expected.numpy())
+    np.testing.assert_array_equal(result.item_ids.numpy(), reference.item_ids.numpy())
+    np.testing.assert_allclose(result.scores.numpy(), reference.scores.numpy(), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_index_rejects_a_scorer_of_another_tree(world, trained):
