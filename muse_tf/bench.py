@@ -6,8 +6,10 @@ repeats; ratios printed beside them), because the machines here are shared and n
 * ``data``: generate ``--samples`` impressions with ``--seq-len``-long histories, convert them
   with the Beam pipeline (FnApiRunner, ``--workers`` processes) and read them back with the
   tf.data reader. Targets on a 2-core machine: 100K samples in <= 120 s; >= 10,000 read/s.
-* ``train``: training examples/s of ``muse`` and ``din`` at history length 1,000 (target:
-  >= 3,000/s for ``muse`` on 2 CPU cores).
+* ``train``: training of ``--experiments`` (``muse,din``) at history length ``--seq-len``,
+  batch ``--batch-size`` (the performance issue's setting: 1,000): all models built first,
+  then alternating rounds of a fit from disk and of steps on one cached batch; examples/s from
+  disk, ms and CPU ms per cached step, each as a ratio to the last experiment (``din``).
 * ``gsu``: the multimodal GSU (cosine + masked top-K) at L = 1,000 / 10,000 / 100,000 beside a
   NumPy matmul of the same shape and a TF einsum (target: GSU within 1.5x of the matmul); and
   over a ``--table-rows`` frozen table: int8 codes (the default storage) beside float32 unit
@@ -25,6 +27,10 @@ repeats; ratios printed beside them), because the machines here are shared and n
   16-d table updated from a ``--batch-size`` x ``--ids-per-example`` (256 x 1,051) id batch,
   at ``--rows`` (10K and 10M) vocabulary rows: ms/step (median of ``--optimizer-steps``), the
   ratio and the bytes each touches per step.
+* ``miss``: MISS tree beam search (50K-item tree, depth 16, beam 100): queries/s and CPU
+  seconds per query of the previous scoring path beside the current one (search keys encoded
+  once per user), with recall@100 of both against the scorer's exhaustive top-100 and the
+  cost of the top-K selections alone (:mod:`muse_tf.bench_miss`).
 * ``scale``: the whole path (generate, Beam, model build, train steps, test evaluation, export,
   server load, first answer, index tree) at ``--items`` catalogue items (TAOBAO-MM: 35.4M),
   ``--users`` users and ``--samples`` samples, every stage in its own process with its wall
@@ -65,9 +71,25 @@ def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> flo
 
 # ----------------------------------------------------------------------------- data
 def bench_data(samples: int, seq_len: int, workers: int, work_dir: str,
-               read_seconds: float = 20.0) -> dict[str, Any]:
+               read_seconds: float = 20.0, reference_records: int = 8192,
+               reference_seconds: float = 6.0) -> dict[str, Any]:
+    """Beam conversion, then the tf.data read of the train split, beside same-run references.
+
+    ``read_examples_per_s`` is the reader (``make_dataset``: shuffled, repeated, batch 256)
+    over the whole train split. The references read the first ``reference_records`` train
+    records, rewritten as 4 shards: as Beam writes them (gzip) and uncompressed, through
+    the same reader; the gzip framing alone (``TFRecordDataset`` + batch, nothing parsed);
+    and the reader's parser alone over the records held in memory (no file, no gzip). Each
+    reference is the median of 3 alternating runs of ``reference_seconds``; ``*_cpu_us``
+    is process CPU time per record (user + system), steadier than rates on a shared
+    machine.
+    """
+    import resource
+
     from beam import build_dataset
+    from beam.io import DEFAULT_COMPRESSION_LEVEL
     from muse_tf.data import reader, synthetic
+    from muse_tf.data.data_dir import DataDir
 
     users = max(1, samples // 10)
     raw = os.path.join(work_dir, "raw")
@@ -86,59 +108,152 @@ def bench_data(samples: int, seq_len: int, workers: int, work_dir: str,
     beam_s = time.perf_counter() - start
     written = sum(metadata["splits"][s]["examples_written"] for s in ("train", "test"))
 
-    dataset = reader.make_dataset(out, "train", 256, max_seq_len=seq_len, shuffle=True,
-                                  repeat=True)
-    iterator = iter(dataset)
-    next(iterator)
-    examples, start = 0, time.perf_counter()
-    while time.perf_counter() - start < read_seconds:
-        batch = next(iterator)
-        examples += int(batch[schema.ITEM_ID.name].shape[0])
-    read_rate = examples / (time.perf_counter() - start)
+    def cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def rate(dataset: tf.data.Dataset, seconds: float) -> tuple[float, float]:
+        """(records/s, CPU-us/record) of iterating ``dataset`` for ``seconds``."""
+        iterator = iter(dataset)
+        next(iterator)
+        examples, cpu, start = 0, cpu_seconds(), time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            batch = next(iterator)
+            first = batch[schema.ITEM_ID.name] if isinstance(batch, dict) else batch
+            examples += int(first.shape[0])
+        wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        return examples / wall, 1e6 * cpu / examples
+
+    read_rate, read_cpu = rate(reader.make_dataset(out, "train", 256, max_seq_len=seq_len,
+                                                   shuffle=True, repeat=True), read_seconds)
+
+    data = DataDir.open(out)
+    train_files = data.split_files("train")
+    records = [r for batch in tf.data.TFRecordDataset(train_files, compression_type="GZIP")
+               .take(reference_records).batch(1024).as_numpy_iterator() for r in batch]
+    shards: dict[str, list[str]] = {}
+    for name, options in (("GZIP", tf.io.TFRecordOptions(
+            compression_type="GZIP", compression_level=DEFAULT_COMPRESSION_LEVEL)),
+                          ("", tf.io.TFRecordOptions(compression_type=""))):
+        shards[name] = []
+        for shard in range(4):
+            path = os.path.join(work_dir, f"reference-{shard}.tfrecord"
+                                + (".gz" if name else ""))
+            with tf.io.TFRecordWriter(path, options) as writer:
+                for record in records[shard::4]:
+                    writer.write(record)
+            shards[name].append(path)
+    in_memory = tf.constant(records)
+    references: dict[str, Callable[[], tf.data.Dataset]] = {
+        "gzip": lambda: reader.make_dataset_from_files(shards["GZIP"], 256, seq_len,
+                                                       repeat=True),
+        "uncompressed": lambda: reader.make_dataset_from_files(
+            shards[""], 256, seq_len, repeat=True, compression_type=""),
+        "gzip_framing_only": lambda: tf.data.TFRecordDataset(
+            shards["GZIP"], compression_type="GZIP", num_parallel_reads=4).repeat().batch(256),
+        "parse_only": lambda: tf.data.Dataset.from_tensor_slices(in_memory).repeat().batch(
+            256).map(reader.BatchParser(seq_len), num_parallel_calls=tf.data.AUTOTUNE,
+                     deterministic=False).prefetch(tf.data.AUTOTUNE),
+    }
+    measured: dict[str, list[tuple[float, float]]] = {name: [] for name in references}
+    for _ in range(3):
+        for name, make in references.items():
+            measured[name].append(rate(make(), reference_seconds))
     result = {
         "samples": rows_in, "seq_len": seq_len, "generate_s": generate_s,
         "beam_workers": workers, "beam_s": beam_s, "beam_rows_per_s": rows_in / beam_s,
         "examples_written": written, "beam_target_s": 120.0 * rows_in / 100_000,
-        "read_examples_per_s": read_rate, "read_target_per_s": 10_000.0,
+        "read_examples_per_s": read_rate, "read_cpu_us": read_cpu,
+        "read_target_per_s": 10_000.0,
     }
-    _print("data: Beam conversion and tf.data read", [result])
+    for name, runs in measured.items():
+        result[f"{name}_per_s"] = statistics.median(r for r, _ in runs)
+        result[f"{name}_cpu_us"] = statistics.median(c for _, c in runs)
+    result["record_KB"] = sum(len(r) for r in records) / len(records) / 1e3
+    _print("data: Beam conversion and tf.data read", [{k: v for k, v in result.items()
+                                                       if not k.endswith(("_per_s", "_us"))
+                                                       or k.startswith(("beam", "read"))}])
+    _print(f"data: read references (first {len(records):,} train records in 4 shards, "
+           "median of 3; CPU-us per record)",
+           [{"path": name, "examples_per_s": result[f"{name}_per_s"],
+             "cpu_us_per_record": result[f"{name}_cpu_us"]} for name in references])
     return result
 
 
 # ----------------------------------------------------------------------------- train
 def bench_train(data_dir: str | None, experiments: Sequence[str], steps: int,
-                batch_size: int, seq_len: int, work_dir: str) -> list[dict[str, Any]]:
+                batch_size: int, seq_len: int, work_dir: str,
+                rounds: int = 3) -> list[dict[str, Any]]:
+    """Training speed of ``experiments`` (``muse`` and ``din``) in one run, interleaved.
+
+    Every model is built first; then each of ``rounds`` rounds runs, model after model, one
+    ``fit`` of ``steps`` steps on records read from disk (the reader: shuffled, repeated;
+    one iterator shared by the models) and one of ``steps`` steps on a single cached batch
+    (the step alone, without the reader competing for the CPUs). Reported per model: the
+    median examples/s from disk, the median ms per cached step with the process CPU ms per
+    step (user + system: steadier than wall time on a shared machine), and each figure over
+    the last experiment's (``din``): how many times the reference's step this model's costs.
+    """
+    import resource
+
     from muse_tf import config as config_lib
     from muse_tf.data import reader
     from muse_tf.models.factory import build_ranking_model
+
+    def cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
 
     if not data_dir:
         from muse_tf import demo
 
         data_dir = demo.ensure_data({**demo.DEMO_PARAMS, "seq_len": seq_len})
-    rows = []
+    dataset = reader.make_dataset(data_dir, "train", batch_size, max_seq_len=seq_len,
+                                  shuffle=True, repeat=True, drop_remainder=True)
+    iterator = iter(dataset)
+    cached = next(iterator)
+    models = {}
     for name in experiments:
         config = config_lib.resolve(name, assignments=[f"data.batch_size={batch_size}"])
-        dataset = reader.make_dataset(data_dir, "train", batch_size, max_seq_len=seq_len,
-                                      shuffle=True, repeat=True, drop_remainder=True)
         model = build_ranking_model(config, data_dir, os.path.join(work_dir, name))
         model.compile_with_learning_rates(config.train.embedding_learning_rate,
                                           config.train.dense_learning_rate,
                                           embedding_optimizer=config.train.embedding_optimizer,
                                           dense_weight_decay=config.train.dense_weight_decay)
-        iterator = iter(dataset)
-        model.build_for(next(iterator))
+        model.build_for(cached)
         model.fit(iterator, steps_per_epoch=5, epochs=1, verbose=0)  # trace + warm up
-        timings = []
-        for _ in range(3):
+        models[name] = model
+    repeated = iter(tf.data.Dataset.from_tensors(cached).repeat())
+    disk: dict[str, list[float]] = {name: [] for name in experiments}
+    step: dict[str, list[float]] = {name: [] for name in experiments}
+    cpu: dict[str, list[float]] = {name: [] for name in experiments}
+    for _ in range(rounds):
+        for name, model in models.items():
             start = time.perf_counter()
             model.fit(iterator, steps_per_epoch=steps, epochs=1, verbose=0)
-            timings.append(time.perf_counter() - start)
-        seconds = statistics.median(timings)
-        rows.append({"experiment": name, "seq_len": seq_len, "batch": batch_size,
-                     "examples_per_s": steps * batch_size / seconds,
-                     "target_per_s": 3000.0 if name == "muse" else float("nan")})
-    _print("train: examples/s (median of 3 fits)", rows)
+            disk[name].append(time.perf_counter() - start)
+            start, cpu_start = time.perf_counter(), cpu_seconds()
+            model.fit(repeated, steps_per_epoch=steps, epochs=1, verbose=0)
+            step[name].append((time.perf_counter() - start) / steps)
+            cpu[name].append((cpu_seconds() - cpu_start) / steps)
+    reference = experiments[-1]
+    rows = []
+    for name in experiments:
+        examples_per_s = steps * batch_size / statistics.median(disk[name])
+        rows.append({
+            "experiment": name, "seq_len": seq_len, "batch": batch_size,
+            "examples_per_s": examples_per_s,
+            "cached_step_ms": 1e3 * statistics.median(step[name]),
+            "cached_cpu_ms": 1e3 * statistics.median(cpu[name]),
+            f"time_vs_{reference}": statistics.median(disk[name])
+            / statistics.median(disk[reference]),
+            f"step_vs_{reference}": statistics.median(step[name])
+            / statistics.median(step[reference]),
+            f"cpu_vs_{reference}": statistics.median(cpu[name])
+            / statistics.median(cpu[reference]),
+            "target_per_s": 3000.0 if name == "muse" else float("nan")})
+    _print(f"train: examples/s read from disk and ms per step on one cached batch (medians "
+           f"of {rounds} interleaved fits of {steps} steps)", rows)
     return rows
 
 
@@ -264,14 +379,34 @@ def bench_mm_table(rows: int, dim: int = schema.MM_EMBEDDING_DIM, storage: str =
 # ----------------------------------------------------------------------------- serving
 def bench_serving(work_dir: str, lengths: Sequence[int], data_dir: str | None = None,
                   candidates: int = 100, requests: int = 200,
-                  concurrency: Sequence[int] = (1, 8)) -> list[dict[str, Any]]:
-    """gRPC latency of the exported ``muse`` ranker through the local server."""
+                  concurrency: Sequence[int] = (1, 8), batch_users: Sequence[int] = (32,),
+                  batch_lengths: Sequence[int] = (1000,)) -> list[dict[str, Any]]:
+    """gRPC latency of the exported ``muse`` ranker through the local server.
+
+    Every row stands beside its same-run floor: a float32 ``[C, D] x [D, L]`` product per
+    user of the request (the candidates' multimodal vectors against the history's: the GSU's
+    arithmetic), in TensorFlow (``matmul_ms``, the served graph's runtime and threads) and
+    NumPy (``numpy_matmul_ms``); medians. With one client, calls and floor products
+    alternate (a shared machine's load then weighs on both alike); with more, the floor is
+    measured before and after the row. Each row has the client-observed p50/p99 (the request
+    is built once), ``server_p50_ms`` (the server's ``Predict`` run in-process on the same
+    request, no gRPC: proto decoding, input checks, the session run, the response) and
+    ``client_build_ms`` (what a client pays per call to build that request). Rows with
+    ``users > 1`` send one request holding that many users (what TF Serving's batching feeds
+    the signature), at the lengths in ``batch_lengths``; their ``users_per_s`` is
+    requests/s times users.
+    """
+    import grpc
+
     from muse_tf import config as config_lib
     from muse_tf.data.data_dir import DataDir
     from muse_tf.export import ranking as export
+    from muse_tf.export import requests as request_lib
     from muse_tf.export.names import RANKING_MODEL_NAME
     from muse_tf.models.factory import build_ranking_model
+    from serving import client as client_lib
     from serving.bench import grpc_latency
+    from serving.grpc_options import channel_options
     from serving.server import serve
 
     if not data_dir:
@@ -281,29 +416,114 @@ def bench_serving(work_dir: str, lengths: Sequence[int], data_dir: str | None = 
     config = config_lib.resolve("muse")
     config.data.data_dir = data_dir
     examples = export.warmup_batch(DataDir.open(data_dir), schema.MAX_HISTORY_LEN)
+    rng = np.random.default_rng(0)
+    dim = schema.MM_EMBEDDING_DIM
+
+    def users_request(length: int, users: int) -> dict[str, np.ndarray]:
+        """``users`` users: user ``u`` is example row ``u`` (wrapping) with its history
+        repeated to ``length`` and the targets of ``candidates`` other rows."""
+        rows = len(examples[schema.ITEM_ID.name])
+        single = []
+        for u in range(users):
+            shifted = {name: np.roll(values, -(u % rows), axis=0)
+                       for name, values in examples.items()}
+            single.append(_ranking_request(shifted, length, candidates))
+        return request_lib.batch_requests(single)
+
+    def seconds(fn: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    def timed(fn: Callable[[], Any], repeats: int) -> np.ndarray:
+        fn()
+        return 1e3 * np.asarray([seconds(fn) for _ in range(repeats)])
+
     rows = []
     for length in lengths:
         model_dir = os.path.join(work_dir, f"serving_{length}")
         model = build_ranking_model(config, data_dir, model_dir)
-        request = _ranking_request(examples, length, candidates)
         path = export.export_ranking_model(
             model, config, model_dir, max_seq_len=length, max_candidates=candidates,
             warmup_examples=examples)
+        del model
         handle = serve(model_name=RANKING_MODEL_NAME, model_base_path=os.path.dirname(path),
                        port=0)
         try:
-            for clients in concurrency:
-                stats = grpc_latency(handle.address, RANKING_MODEL_NAME, request,
-                                     requests=requests, concurrency=clients).as_dict()
-                rows.append({"seq_len": length, "candidates": candidates, "clients": clients,
-                             "p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"],
-                             "requests_per_s": stats["throughput_rps"],
-                             "errors": stats["errors"],
-                             "target_p99_ms": 50.0 if (length, clients) == (1000, 1)
-                             else float("nan")})
+            with client_lib.PredictionClient(handle.address) as client:
+                signature = client.signature_def(RANKING_MODEL_NAME)
+                shapes = [(1, clients) for clients in concurrency]
+                if length in batch_lengths:
+                    shapes += [(users, 1) for users in batch_users]
+                for users, clients in shapes:
+                    inputs = users_request(length, users)
+                    build = timed(lambda inputs=inputs, signature=signature:
+                                  client_lib.build_predict_request(
+                                      RANKING_MODEL_NAME, inputs, signature_def=signature), 10)
+                    proto = client.build_request(RANKING_MODEL_NAME, inputs)
+                    calls = requests if users == 1 else max(20, requests // users * 4)
+                    server = timed(lambda proto=proto, manager=handle.manager:
+                                   manager.predict(proto), max(5, min(30, calls // 4)))
+                    queries = rng.standard_normal((users, candidates, dim), dtype=np.float32)
+                    keys = rng.standard_normal((users, dim, length), dtype=np.float32)
+                    tf_queries, tf_keys = tf.constant(queries), tf.constant(keys)
+                    tf_product = tf.function(lambda q=tf_queries, k=tf_keys: tf.matmul(q, k))
+
+                    def tf_floor(product=tf_product) -> None:
+                        product().numpy()
+
+                    def numpy_floor(q=queries, k=keys) -> None:
+                        for u in range(len(q)):
+                            np.matmul(q[u], k[u])
+
+                    tf_floor(), numpy_floor()
+                    if clients == 1:
+                        channel = grpc.insecure_channel(handle.address,
+                                                        options=channel_options())
+                        predict = client_lib.prediction_service_pb2_grpc.PredictionServiceStub(
+                            channel).Predict
+                        for _ in range(3):
+                            predict(proto)
+                        latency, floor_tf, floor_np = [], [], []
+                        for _ in range(calls):
+                            latency.append(seconds(lambda p=proto, call=predict: call(p)))
+                            floor_tf.append(seconds(tf_floor))
+                            floor_np.append(seconds(numpy_floor))
+                        channel.close()
+                        latency_ms = 1e3 * np.asarray(latency)
+                        stats = {"p50_ms": float(np.median(latency_ms)),
+                                 "p99_ms": float(np.percentile(latency_ms, 99)),
+                                 "throughput_rps": calls / sum(latency),
+                                 "request_bytes": proto.ByteSize(), "errors": 0}
+                    else:
+                        floor_tf = list(timed(tf_floor, 10) / 1e3)
+                        floor_np = list(timed(numpy_floor, 10) / 1e3)
+                        stats = grpc_latency(handle.address, RANKING_MODEL_NAME, inputs,
+                                             requests=calls, concurrency=clients).as_dict()
+                        floor_tf += list(timed(tf_floor, 10) / 1e3)
+                        floor_np += list(timed(numpy_floor, 10) / 1e3)
+                    floor = 1e3 * float(np.median(floor_tf))
+                    rows.append({
+                        "seq_len": length, "candidates": candidates, "users": users,
+                        "clients": clients, "p50_ms": stats["p50_ms"],
+                        "p99_ms": stats["p99_ms"], "requests_per_s": stats["throughput_rps"],
+                        "users_per_s": stats["throughput_rps"] * users,
+                        "server_p50_ms": float(np.median(server)),
+                        "client_build_ms": float(np.median(build)),
+                        "request_MB": stats["request_bytes"] / 1e6,
+                        "matmul_ms": floor,
+                        "numpy_matmul_ms": 1e3 * float(np.median(floor_np)),
+                        "p50_over_matmul": stats["p50_ms"] / floor,
+                        "p99_over_matmul": stats["p99_ms"] / floor,
+                        "errors": stats["errors"],
+                        "target": ("p99 <= 50 ms" if (length, users, clients) == (1000, 1, 1)
+                                   else "p99 <= 2x matmul" if (length, users, clients) == (
+                                       100_000, 1, 1)
+                                   else ">= 2,000 users/s" if users == 32 else "-")})
         finally:
             handle.stop()
-    _print(f"serving: gRPC Predict through the local server, C = {candidates}", rows)
+    _print(f"serving: gRPC Predict through the local server, C = {candidates} (matmul_ms: "
+           f"same-run TF fp32 [C, {dim}] x [{dim}, L] per user, median)", rows)
     return rows
 
 
@@ -374,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m muse_tf.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["data", "train", "gsu", "mm_table", "serving",
-                                         "scann", "optimizer", "scale", "all"])
+                                         "scann", "optimizer", "miss", "scale", "all"])
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--seq-len", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
@@ -436,6 +656,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["optimizer"] = bench_optimizer([int(x) for x in optimizer_rows if x],
                                                args.optimizer_steps, args.batch_size,
                                                args.ids_per_example)
+    if args.what in ("miss", "all"):
+        from muse_tf.bench_miss import bench_miss
+
+        results["miss"] = bench_miss(seq_len=args.seq_len)
     if args.what == "scale":
         from muse_tf.bench_scale import bench_scale
 
