@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from muse_tf.layers.topk import masked_top_k
+from muse_tf.layers.topk import PREFILTER_BLOCK, PREFILTER_MIN_BLOCKS, masked_top_k
 
 from .harness import assert_nested_close
 from .reference import top_k_reference
@@ -61,6 +61,42 @@ def test_matches_numpy_reference_with_many_ties(length, k):
     out = _run(scores, mask, k)
     assert_nested_close({key: v.numpy() for key, v in out.items()},
                         top_k_reference(scores, mask, k))
+
+
+@pytest.mark.parametrize("length,k,levels", [
+    (PREFILTER_MIN_BLOCKS * 5 * PREFILTER_BLOCK, 5, 3),      # the smallest prefiltered L
+    (20_011, 50, 4),                                         # not a multiple of the block
+    (20_011, 50, 0),                                         # continuous scores, no ties
+])
+def test_long_histories_go_through_the_block_prefilter_with_the_same_result(length, k, levels):
+    rng = np.random.default_rng(length + levels)
+    scores = (rng.integers(0, levels, size=(5, length)).astype(np.float32) if levels
+              else rng.standard_normal((5, length)).astype(np.float32))
+    mask = rng.random((5, length)) < 0.7
+    mask[0] = False                                       # nothing valid
+    mask[1] = False
+    mask[1, [3, length - 1]] = True                       # fewer valid than k, one at the end
+    scores[2, -PREFILTER_BLOCK:] = 10.0                   # the best all in the last block
+    out = _run(scores, mask, k)
+    assert_nested_close({key: v.numpy() for key, v in out.items()},
+                        top_k_reference(scores, mask, k))
+    graph = tf.function(lambda s, m: masked_top_k(s, m, k)).get_concrete_function(
+        tf.TensorSpec([None, length], tf.float32), tf.TensorSpec([None, length], tf.bool))
+    widths = [op.inputs[0].shape[-1] for op in graph.graph.get_operations()
+              if op.type == "TopKV2"]  # tf.sort of the kept blocks is a TopKV2 too
+    assert widths and max(widths) <= max(-(-length // PREFILTER_BLOCK), k * PREFILTER_BLOCK)
+
+
+def test_prefiltered_top_k_passes_the_gradient_to_the_selected_scores():
+    length, k = PREFILTER_MIN_BLOCKS * 3 * PREFILTER_BLOCK, 3
+    scores = tf.Variable(np.random.default_rng(0).standard_normal((2, length)), dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        out = masked_top_k(scores, tf.ones([2, length], tf.bool), k)
+        total = tf.reduce_sum(out["scores"])
+    grad = tf.convert_to_tensor(tape.gradient(total, scores)).numpy()
+    expected = np.zeros_like(grad)
+    np.put_along_axis(expected, out["indices"].numpy(), 1.0, axis=1)
+    np.testing.assert_array_equal(grad, expected)
 
 
 def test_unknown_length_inside_tf_function():
