@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
 from muse_tf.embeddings.multimodal_table import FrozenMultimodalTable
@@ -45,7 +44,9 @@ class BestWeightsEarlyStopping(tf.keras.callbacks.EarlyStopping):
     def snapshot(self) -> None:
         """Take the current values of :func:`changing_variables` as the best weights."""
         self.best_weights = None  # freed before the new copy is taken
-        self.best_weights = [np.array(v) for v in changing_variables(self.model)]
+        # As Model.get_weights reads them (distributed variables included).
+        with self.model.distribute_strategy.scope():
+            self.best_weights = tf.keras.backend.batch_get_value(changing_variables(self.model))
 
     def restore(self) -> None:
         """Assign the snapshot back (a no-op before the first one)."""
@@ -56,8 +57,8 @@ class BestWeightsEarlyStopping(tf.keras.callbacks.EarlyStopping):
             raise ValueError(f"{type(self).__name__}: the model has {len(variables)} "
                              f"changing variables, the snapshot {len(self.best_weights)}")
         with self.model.distribute_strategy.scope():
-            for variable, value in zip(variables, self.best_weights, strict=True):
-                variable.assign(value)
+            tf.keras.backend.batch_set_value(list(zip(variables, self.best_weights,
+                                                      strict=True)))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         current = self.get_monitor_value(logs)
