@@ -44,29 +44,41 @@ coordinate; a cosine against it is off by at most ``~(D + 2) 2**-24``). The buil
 enough (:data:`MAX_DENSE_NODE_BYTES`).
 
 Building is vectorised (never a Python recursion per node) on one permutation of the items,
-in two regimes chosen by node size (``block_rows``):
+in two regimes chosen by node size (``block_rows``, default ``2**15``):
 
 * *streamed* levels (the top ones, whose nodes hold more than ``block_rows`` items): each node
-  is split by passes over its items' rows, ``_PASS_ROWS`` rows at a time (gather, int8 ->
-  float32, one BLAS matrix-vector product, two threads), so no float copy of the catalogue
-  ever exists; a pass costs one read of the node's int8 rows;
+  is split by passes over its items' rows, ``_PASS_ROWS`` rows at a time (int8 -> float32 cast
+  into a cache-sized buffer, one BLAS matrix-vector product), so no float copy of the
+  catalogue ever exists. A node's raw rows are first gathered once into a contiguous copy when
+  they fit ``_NODE_COPY_BYTES`` (2.5 GiB; level 0 reads the table in place), so that the
+  passes read memory sequentially instead of gathering scattered rows each time; the threads
+  share a node's passes while its copy is that large, then take whole nodes each;
 * *block* levels: once every node holds at most ``block_rows`` items, runs of whole nodes are
-  gathered once as float32 (``block_rows * D * 4`` bytes, one block per thread) and all their
-  remaining levels are split in memory, laid out ``[nodes, W, D]`` so that every per-node dot
-  product or sum is one broadcast ``einsum``.
+  gathered once as float32 (one block per thread) and all their remaining levels are split in
+  memory, laid out ``[nodes, W, D]`` so that every per-node dot product is one batched BLAS
+  product (larger ``block_rows`` are finished in runs of ``_CACHE_ROWS`` rows once their nodes
+  are small), and nodes of at most ``_GRAM_WIDTH`` items through their Gram matrices (``O(W)``
+  per item and level instead of ``O(D)``). Blocks of ``2**15`` rows (16 MiB) stay in the CPU
+  cache while each numpy call is large enough to run mostly without the GIL (measured with
+  ``py-spy --gil``: ~20% of a thread's time holds it, ~50% with blocks of ``2**12``), so the
+  threads' blocks run in parallel.
 
 Per level: 2 passes for the seeds, then per round one pass (``x . (c_a - c_b)``) and the
-centroid update (streamed: only the rows that changed sides; blocks: one masked sum over the
-nodes still moving), a selection per round and one sort per node at the end.
+centroid update (float64 sums of the halves, updated by the rows that changed sides), a
+selection per round (``np.partition``) and one sort per node at the end. Node means are summed
+pairwise from the items in leaf order, ``2**_SUM_GROUP_LEVELS`` level-``L - 1`` nodes at a
+time, in parallel.
 
 Memory of :meth:`IndexTree.build_from_codes` for ``N`` items, ``D`` dimensions, depth ``L``,
 beside the int8 input itself (``N D`` bytes, the caller's, kept by reference): 16 bytes per
-item (permutation, squared norms) + ~40 per item of the largest streamed node's temporaries
-(level 0: the whole catalogue) or ``workers * ~5 * block_rows * D * 4`` for the blocks; then
-the tree: ``(2**(L - c) - 1) D * 4`` (stored means, ``c = computed_levels``) + ``2**L * 9``
-(leaf ids, validity) + ``N * 36`` (item ids, leaves, valid leaves, code rows, inverse norms).
-At 35.4M items, D = 128, L = 26, defaults: 1.07 + 0.6 + 1.3 GB for the tree and ~1.5 GB of
-transient state beside the 4.5 GB table (``python -m muse_tf.index.tree_bench``).
+item (permutation, squared norms) + the streamed nodes' copies (at most ``_NODE_COPY_BYTES``
+in all) and ~50 bytes per item of the nodes being split (level 0: the whole catalogue), or
+~4 ``block_rows * D * 4`` bytes per thread for the blocks; then the tree: ``(2**(L - c) - 1)
+D * 4`` (stored means, ``c = computed_levels``) + ``2**L * 9`` (leaf ids, validity) + ``N *
+36`` (item ids, leaves, valid leaves, code rows, inverse norms). At 35.4M items, D = 128, L =
+26, defaults: 1.07 + 0.6 + 1.3 GB for the tree and ~3 GB of transient state (the level-1
+node's copy and its temporaries) beside the 4.5 GB table (``python -m
+muse_tf.index.tree_bench``).
 """
 
 from __future__ import annotations
@@ -89,14 +101,26 @@ _ROW_CHUNK = 65536
 #: Rows per step of a streamed pass: small enough to stay in the L2 cache and for OpenBLAS to
 #: run the matrix-vector product on the calling thread (its own threads fight ours).
 _PASS_ROWS = 2048
-#: Leaf slots reduced at a time when summing node vectors (``2**12 * D * 8`` bytes).
-_SUM_GROUP_LEVELS = 12
+#: Bytes of the contiguous copies of streamed nodes' raw rows (all threads together): 2.5 GiB
+#: holds a level-1 node of TAOBAO-MM's 35.4M int8 codes (2.1 GiB).
+_NODE_COPY_BYTES = 5 << 29
+#: Nodes of at most this many items are split through their Gram matrix (:func:`_split_block`).
+_GRAM_WIDTH = 64
+#: Rows of the small nodes of a larger block split together through their remaining levels
+#: (float32 ``rows * D * 4`` bytes: 16 MiB, in the L3 cache; smaller runs make the numpy calls
+#: so short that the threads wait for the GIL).
+_CACHE_ROWS = 1 << 15
+#: Rows whose Gram matrices one step forms (float64 temporaries of ``rows * D * 8`` bytes).
+_GRAM_ROWS = 8192
+#: Level-``L - 1`` nodes whose subtree sums the build forms at a time (``2**13 * D * 8`` bytes
+#: each level, twice that for the items).
+_SUM_GROUP_LEVELS = 13
 #: Nodes whose vectors one :meth:`IndexTree.vectors_of` step computes.
 _COMPUTE_NODES = 4096
 #: Largest tree whose whole float32 heap array :attr:`IndexTree.node_vectors` builds: 4 GiB.
 MAX_DENSE_NODE_BYTES = 1 << 32
 #: Default number of items per in-memory block of the build.
-DEFAULT_BLOCK_ROWS = 1 << 17
+DEFAULT_BLOCK_ROWS = 1 << 15
 #: Default number of levels above the leaves whose node vectors are computed, not stored.
 DEFAULT_COMPUTED_LEVELS = 5
 
@@ -227,25 +251,76 @@ class _Workers:
 
 
 class _StreamedNode:
-    """Passes over the rows of one large node (items ``rows``, in the current order)."""
+    """Passes over the rows of one large node (items ``rows``, in the current order).
 
-    def __init__(self, items: _ItemVectors, rows: np.ndarray, workers: _Workers) -> None:
-        self.items = items
-        self.rows = rows
+    When the node's raw rows (int8 codes or float32 vectors) fit in ``copy_bytes`` they are
+    first gathered once into a contiguous copy (in parallel), so that every pass reads them
+    sequentially (about 2.5x faster than gathering scattered rows again in every pass; a
+    float32 copy of int8 codes measured slower than casting each step in the cache);
+    ``contiguous`` says the rows already are items ``rows[0] .. rows[0] + n - 1`` of a table
+    without row indirection (level 0), which is read in place."""
+
+    def __init__(
+        self,
+        items: _ItemVectors,
+        rows: np.ndarray,
+        workers: _Workers,
+        copy_bytes: int = 0,
+        contiguous: bool = False,
+    ) -> None:
+        self.size = int(rows.shape[0])
+        self.dim = items.dim
         self.workers = workers
+        self.local: np.ndarray | None = None  # [n, D] raw rows in node order, or None
+        self.local_scale: np.ndarray | None = None
+        self.items, self.rows = items, rows
+        if contiguous and items.rows is None:
+            begin = int(rows[0]) if self.size else 0
+            self.local = items.table[begin : begin + self.size]
+            if items.scale is not None:
+                self.local_scale = items.scale[begin : begin + self.size]
+        elif self.size * self.dim * items.table.itemsize <= copy_bytes:
+            local = self.local = np.empty((self.size, self.dim), items.table.dtype)
+
+            def copy(bounds: tuple[int, int]) -> None:
+                for begin in range(bounds[0], bounds[1], _ROW_CHUNK):
+                    end = min(begin + _ROW_CHUNK, bounds[1])
+                    index = rows[begin:end] if items.rows is None else items.rows[
+                        rows[begin:end]]
+                    np.take(items.table, index, axis=0, out=local[begin:end])
+
+            workers.map(copy, workers.ranges(self.size))
+            if items.scale is not None:
+                self.local_scale = items.scale[rows]
+
+    def _raw(
+        self, index: slice | np.ndarray, buffer: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(float32 unscaled rows, scales or None)`` of node positions ``index``; int8 rows
+        are cast into ``buffer`` (float32 ``[_PASS_ROWS, D]``)."""
+        if self.local is None:
+            return self.items.raw(self.rows[index])
+        block = self.local[index]
+        scale = None if self.local_scale is None else self.local_scale[index]
+        if block.dtype == np.float32:
+            return block, scale
+        cast = buffer[: block.shape[0]]
+        np.copyto(cast, block, casting="unsafe")
+        return cast, scale
 
     def dot(self, vector: np.ndarray, with_sum: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(x . vector`` float64 ``[n]``, the float64 sum of the rows ``[D]`` (zeros unless
-        ``with_sum``)). Per step: one gather, one cast, one BLAS matrix-vector product."""
-        n = self.rows.shape[0]
+        ``with_sum``)). Per step: one gather or copy, one cast, one BLAS matrix-vector product."""
+        n = self.size
         out = np.empty(n, dtype=np.float64)
         partial = np.zeros(((n + _PASS_ROWS - 1) // _PASS_ROWS if with_sum else 0,
-                            self.items.dim), np.float64)
+                            self.dim), np.float64)
 
         def run(bounds: tuple[int, int]) -> None:
+            buffer = np.empty((_PASS_ROWS, self.dim), np.float32)
             for begin in range(bounds[0], bounds[1], _PASS_ROWS):
                 end = min(begin + _PASS_ROWS, bounds[1])
-                block, scale = self.items.raw(self.rows[begin:end])
+                block, scale = self._raw(slice(begin, end), buffer)
                 products = block @ vector
                 if scale is not None:
                     products *= scale
@@ -260,12 +335,13 @@ class _StreamedNode:
     def weighted_sum(self, positions: np.ndarray, signs: np.ndarray) -> np.ndarray:
         """float64 ``[D]``: ``sum_k signs[k] * x[positions[k]]``."""
         partial = np.zeros(((positions.shape[0] + _PASS_ROWS - 1) // _PASS_ROWS,
-                            self.items.dim), np.float64)
+                            self.dim), np.float64)
 
         def run(bounds: tuple[int, int]) -> None:
+            buffer = np.empty((_PASS_ROWS, self.dim), np.float32)
             for begin in range(bounds[0], bounds[1], _PASS_ROWS):
                 end = min(begin + _PASS_ROWS, bounds[1])
-                block, scale = self.items.raw(self.rows[positions[begin:end]])
+                block, scale = self._raw(positions[begin:end], buffer)
                 weights = signs[begin:end] if scale is None else signs[begin:end] * scale
                 partial[begin // _PASS_ROWS] = weights @ block
 
@@ -273,7 +349,9 @@ class _StreamedNode:
         return partial.sum(axis=0)
 
     def vector(self, position: int) -> np.ndarray:
-        return self.items.vectors(self.rows[position : position + 1])[0]
+        block, scale = self._raw(slice(position, position + 1),
+                                 np.empty((1, self.dim), np.float32))
+        return block[0] * scale[0] if scale is not None else block[0].copy()
 
 
 def _balanced_left(closeness: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -282,15 +360,10 @@ def _balanced_left(closeness: np.ndarray) -> tuple[np.ndarray, bool]:
     The ``ceil(n / 2)`` rows of largest ``closeness`` (closest to ``c_a``) go left, unless
     ``n`` is odd and the middle row is closer to ``c_b`` (``closeness < 0``): then the
     ``ceil(n / 2)`` smallest go left (``c_b``'s side gets the bigger half). A selection, not a
-    sort (only the final order of a level needs the sort)."""
+    sort (only the final order of a level needs the sort): :func:`_halves` of one node."""
     n = closeness.shape[0]
-    left = (n + 1) // 2
-    part = np.argpartition(closeness, n - left)
-    flip = n % 2 == 1 and closeness[part[n - left]] < 0
-    chosen = np.argpartition(closeness, left - 1)[:left] if flip else part[n - left :]
-    in_left = np.zeros(n, dtype=bool)
-    in_left[chosen] = True
-    return in_left, bool(flip)
+    in_left, flip = _halves(-closeness[None], np.array([n]), np.array([(n + 1) // 2]))
+    return in_left[0], bool(flip[0])
 
 
 def _split_streamed(
@@ -303,7 +376,7 @@ def _split_streamed(
     Centroids are kept as float64 sums of the left half, updated by the rows that changed
     sides (the right half's sum is the node's sum minus it), so an iteration reads every row
     once (the dot product) plus the rows that moved."""
-    n = node.rows.shape[0]
+    n = node.size
     if n == 1:  # nothing to split (a level of 1- and 2-item nodes, streamed)
         return np.zeros(1, dtype=np.int64)
     left = (n + 1) // 2
@@ -314,7 +387,7 @@ def _split_streamed(
     dots, _ = node.dot(centroid_a)
     centroid_b = node.vector(int(np.argmax(sq_norms - 2.0 * dots)))
     member = np.zeros(n, dtype=bool)  # the rows summed in left_sum
-    left_sum = np.zeros(node.items.dim, dtype=np.float64)
+    left_sum = np.zeros(node.dim, dtype=np.float64)
     previous = None
     rounds = 1 if n <= 2 else num_iters  # as in blocks: the seeds settle a pair
     for iteration in range(rounds):
@@ -338,8 +411,136 @@ def _split_streamed(
     return perm[::-1] if n % 2 == 1 and closeness[perm[n // 2]] < 0 else perm
 
 
+def _matvec(x: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """float32 ``[S, W]``: ``x[s] @ vectors[s]`` for ``x`` ``[S, W, D]``, ``vectors`` ``[S, D]``:
+    BLAS products of at most ``_PASS_ROWS`` rows, which OpenBLAS runs on the calling thread."""
+    if x.shape[1] <= _PASS_ROWS:
+        return np.matmul(x, vectors[:, :, None])[..., 0]
+    out = np.empty(x.shape[:2], np.float32)
+    column = vectors[:, :, None]
+    for begin in range(0, x.shape[1], _PASS_ROWS):
+        end = begin + _PASS_ROWS
+        out[:, begin:end] = np.matmul(x[:, begin:end], column)[..., 0]
+    return out
+
+
+def _matvec_left(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """float64 ``[S, D]``: ``weights[s] @ x[s]`` for ``weights`` float32 ``[S, W]``, by float32
+    products over ``_PASS_ROWS`` slots at a time, accumulated in float64."""
+    out = np.zeros((x.shape[0], x.shape[2]), np.float64)
+    for begin in range(0, x.shape[1], _PASS_ROWS):
+        end = begin + _PASS_ROWS
+        out += np.matmul(weights[:, None, begin:end], x[:, begin:end])[:, 0]
+    return out
+
+
+def _moved_sums(x: np.ndarray, changed: np.ndarray, in_left: np.ndarray) -> np.ndarray:
+    """float64 ``[S, D]``: per node, the sum of its ``changed`` rows that are ``in_left`` minus
+    that of the others (every node has a changed row). Nodes that fit the CPU cache: one
+    product with weights ``+-1 / 0`` (as fast as a gather there); larger ones: a gather of the
+    changed rows only (a few percent of them after the first round)."""
+    width = x.shape[1]
+    if width <= _PASS_ROWS:
+        signs = np.where(changed, np.where(in_left, np.float32(1), np.float32(-1)),
+                         np.float32(0))
+        return _matvec_left(signs, x)
+    moved = np.flatnonzero(changed)  # node-major: each node's rows are one run
+    rows = x.reshape(-1, x.shape[2])[moved]
+    signs = np.where(in_left.reshape(-1)[moved], np.float32(1), np.float32(-1))
+    bounds = np.searchsorted(moved, np.arange(x.shape[0] + 1) * width).tolist()
+    out = np.zeros((x.shape[0], x.shape[2]), np.float64)
+    for node, (first, last) in enumerate(itertools.pairwise(bounds)):  # few nodes this large
+        for begin in range(first, last, _PASS_ROWS):
+            end = min(begin + _PASS_ROWS, last)
+            out[node] += signs[begin:end] @ rows[begin:end]
+    return out
+
+
+def _half_sums(x: np.ndarray, in_left: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """float64 ``[S, 2, D]``: each node's sums over its left and its right rows, by float32
+    products over ``_PASS_ROWS`` slots at a time, accumulated in float64 (as a streamed pass)."""
+    masks = np.stack([in_left, valid & ~in_left], axis=1).astype(np.float32)  # [S, 2, W]
+    sums = np.zeros((x.shape[0], 2, x.shape[2]), np.float64)
+    for begin in range(0, x.shape[1], _PASS_ROWS):
+        end = begin + _PASS_ROWS
+        sums += np.matmul(masks[:, :, begin:end], x[:, begin:end])
+    return sums
+
+
+def _halves(
+    key: np.ndarray, size: np.ndarray, left: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The balanced assignment of :meth:`IndexTree.build` for every node (row) at once, by
+    the ``left``-th smallest key of each row (``np.partition``; ``np.sort`` for short rows)
+    and one comparison; rows with equal keys at that threshold choose by rank instead.
+
+    Args:
+      key: float64 ``[S, W]``: ``-closeness``, ``+inf`` at padding (ascending key = descending
+        closeness); size, left: int ``[S]`` items per node and ``ceil(size / 2)``.
+
+    Returns:
+      ``(in_left, flip)``: bool ``[S, W]`` the slots of the left child (the ``left`` smallest
+      keys; with ``flip`` the ``left`` largest finite ones), bool ``[S]`` whether ``c_b``'s
+      side goes left (odd ``size``, middle item closer to ``c_b``).
+    """
+    nodes = np.arange(key.shape[0])
+    if key.shape[1] <= 64:  # short rows: a sort costs less than a selection
+        ordered = np.sort(key, axis=1)
+    else:  # sizes at one level differ by at most one: at most two kth positions
+        ordered = np.partition(key, sorted({int(left.min()) - 1, int(left.max()) - 1}), axis=1)
+    threshold = ordered[nodes, left - 1]  # the left-th smallest key
+    flip = (size % 2 == 1) & (threshold > 0)  # the middle item is closer to c_b
+    in_left = key <= threshold[:, None]
+    if flip.any():
+        in_left[flip] = (key[flip] >= threshold[flip, None]) & (key[flip] < np.inf)
+    tied = np.flatnonzero(in_left.view(np.uint8).sum(axis=1, dtype=np.int32) != left)
+    if tied.shape[0]:  # equal keys at the threshold: choose by rank, as a sort would
+        part = np.argsort(key[tied], axis=1, kind="stable")
+        position = np.arange(key.shape[1])
+        chosen = np.where(
+            flip[tied, None],
+            (position >= (left[tied] - 1)[:, None]) & (position < size[tied, None]),
+            position < left[tied, None],
+        )
+        rows = np.empty_like(chosen)
+        np.put_along_axis(rows, part, chosen, axis=1)
+        in_left[tied] = rows
+    return in_left, flip
+
+
+def _child_layout(
+    key: np.ndarray, flip: np.ndarray, size: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The children's layout after a level's split.
+
+    Node ``s``'s rows sorted by ``key`` (descending closeness; reversed within its items when
+    ``flip``): child ``2s`` takes the first ``ceil(size / 2)``, ``2s + 1`` the rest, each in
+    that order, padding last. Returns ``(source, valid, child_size)``: int64 ``[2S, W']`` the
+    parent's flat slot (``s * W + j``) of every child slot (some valid slot at padding), bool
+    ``[2S, W']``, int64 ``[2S]``."""
+    num_segments, width = key.shape
+    perm = np.argsort(key, axis=1)
+    if flip.any():
+        slot = np.arange(width)
+        reverse = np.where(slot < size[flip, None], size[flip, None] - 1 - slot, slot)
+        perm[flip] = np.take_along_axis(perm[flip], reverse, axis=1)
+    left = (size + 1) // 2
+    child_size = np.stack([left, size - left], axis=1).reshape(-1)
+    child_width = int(child_size.max())
+    child_slot = np.arange(child_width)
+    position = np.stack(
+        [np.broadcast_to(child_slot, (num_segments, child_width)), left[:, None] + child_slot],
+        axis=1,
+    ).reshape(num_segments, 2 * child_width)
+    source = np.take_along_axis(perm, np.minimum(position, width - 1), axis=1)
+    source += np.arange(num_segments)[:, None] * width
+    child_valid = child_slot < child_size[:, None]
+    return source.reshape(2 * num_segments, child_width), child_valid, child_size
+
+
 def _split_block(
-    x: np.ndarray,
+    items: _ItemVectors,
+    positions: np.ndarray,
     sq_norms: np.ndarray,
     count: np.ndarray,
     level: int,
@@ -347,127 +548,303 @@ def _split_block(
     firsts: Sequence[np.ndarray],
     depth: int,
     num_iters: int,
-) -> tuple[np.ndarray, list[float]]:
+    gram_width: int,
+    cache_rows: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Balanced 2-means of whole nodes held in memory, all remaining levels.
 
     The rows are laid out per node, ``[S, W, D]`` with ``W`` the largest node's size (the
     nodes of one level hold ``floor`` or ``ceil(N / 2**l)`` items, so at most one padding row
-    each, zero): every dot product with a per-node vector is then one broadcast ``einsum``
-    that reads each row once, with no gather of per-row vectors, and the halves' sums one
-    masked ``einsum``. Each level ends by gathering the rows into the children's layout.
+    each, a copy of a valid row that is never chosen: key ``+inf``, weight 0, squared norm
+    ``-inf``): every dot product with a per-node vector is then one batched BLAS product
+    that reads each row once. A round costs one such product (``x . (c_a - c_b)``) and one
+    selection per node; the halves' sums are float64, summed once, then updated by the rows
+    that changed sides. Each level ends with one sort per node and a gather of the rows into
+    the children's layout. Once nodes hold at most ``cache_rows / 2`` items, runs of whole
+    nodes of about ``cache_rows`` rows (a slice of the layout, no copy) are split through all
+    their remaining levels in turn, so that their passes read the CPU cache, not memory.
+
+    Once nodes hold at most ``gram_width`` items, each node's float64 Gram matrix ``G = X
+    X^T`` (``[S, W, W]``, formed once) replaces the rows: a centroid is a weight vector ``w``
+    over the node's items (``c = X^T w``), so ``x_i . (c_a - c_b) = (G (w_a - w_b))_i`` and
+    ``||c_a||^2 - ||c_b||^2 = (w_a + w_b)^T G (w_a - w_b)``, and a child's Gram matrix is a
+    sub-matrix of its parent's: the deepest levels cost ``O(W)`` per item instead of ``O(D)``.
 
     Args:
-      x: float32 ``[n, D]`` the items of consecutive level-``level`` nodes, in the current
-        order; ``count`` int ``[S]`` items per node; ``first_segment`` the level-wide index of
-        the first node.
-      sq_norms: float64 ``[n]`` squared norms of ``x``'s rows.
+      items: the item vectors; positions: int64 ``[n]`` the items of consecutive
+        level-``level`` nodes, in the current order; ``count`` int ``[S]`` items per node;
+        ``first_segment`` the level-wide index of the first node.
+      sq_norms: float64 ``[n]`` squared norms of those items' vectors.
       firsts: per level, the random first-seed offset of every node of that level.
+      gram_width: nodes of at most this many items are split through their Gram matrix.
+      cache_rows: rows split level by level together once nodes are small (see above).
 
     Returns:
-      ``(permutation of the n rows into leaf order, seconds spent per level)``.
+      ``(permutation of the n rows into leaf order, float64 [depth - level] seconds spent
+      per level)``.
     """
-    dim = x.shape[1]
     size = count.astype(np.int64)
     width = int(size.max())
     slot = np.arange(width)
     valid = slot < size[:, None]  # [S, W]
     rows = np.where(valid, _starts(size)[:, None] + slot, -1)  # block rows, -1 at padding
     gather = np.where(valid, rows, 0).reshape(-1)
-    xp = np.take(x, gather, axis=0).reshape(*valid.shape, dim)
-    xp[~valid] = 0.0
+    # Padding rows repeat a valid row: they are never chosen (key +inf, weight 0, sq -inf).
+    xp = items.vectors(positions[gather]).reshape(*valid.shape, items.dim)
     sq = np.where(valid, sq_norms[gather].reshape(valid.shape), -np.inf)
-    seconds = []
+    seconds = np.zeros(depth - level)
+    order = _split_layout(xp, sq, valid, rows, level, first_segment, firsts, depth, num_iters,
+                          gram_width, cache_rows, seconds)
+    return order, seconds
+
+
+def _split_layout(
+    xp: np.ndarray,
+    sq: np.ndarray,
+    valid: np.ndarray,
+    rows: np.ndarray,
+    level: int,
+    first_segment: int,
+    firsts: Sequence[np.ndarray],
+    depth: int,
+    num_iters: int,
+    gram_width: int,
+    cache_rows: int,
+    seconds: np.ndarray,
+) -> np.ndarray:
+    """:func:`_split_block` on nodes already laid out: ``xp`` float32 ``[S, W, D]`` (zero
+    padding rows), ``sq`` float64 ``[S, W]`` squared norms (``-inf`` at padding), ``valid``
+    bool ``[S, W]``, ``rows`` int ``[S, W]`` block rows (``-1`` at padding); adds each
+    level's seconds to ``seconds[level - first level]``; returns the block rows in leaf
+    order."""
+    offset = seconds.shape[0] - (depth - level)
+    size = valid.sum(axis=1)
+    gram: np.ndarray | None = None
     for lvl in range(level, depth):
-        began = time.perf_counter()
         num_segments, width = valid.shape
-        segments = np.arange(num_segments)
-        slot = np.arange(width)
         base = first_segment << (lvl - level)
-
-        # argmax_x ||x - p||^2 within a node = argmax_x ||x||^2 - 2 x . p (padding: -inf)
+        if gram is None and num_segments > 1 and 2 * width <= cache_rows < valid.size:
+            per = cache_rows // width
+            return np.concatenate([
+                _split_layout(xp[begin : begin + per], sq[begin : begin + per],
+                              valid[begin : begin + per], rows[begin : begin + per], lvl,
+                              base + begin, firsts, depth, num_iters, gram_width, cache_rows,
+                              seconds)
+                for begin in range(0, num_segments, per)
+            ])
+        began = time.perf_counter()
+        segments = np.arange(num_segments)
         first = firsts[lvl][base : base + num_segments].astype(np.int64)
-        far = sq - 2.0 * np.einsum("scd,sd->sc", xp, xp[segments, first])
-        centroid_a = xp[segments, np.argmax(far, axis=1)]  # [S, D] (copies)
-        far = sq - 2.0 * np.einsum("scd,sd->sc", xp, centroid_a)
-        centroid_b = xp[segments, np.argmax(far, axis=1)]
-        del far
-
-        left = (size + 1) // 2
-        odd = size % 2 == 1
-        total = np.einsum("scd->sd", xp)
-        reversed_slot = np.where(slot < size[:, None], size[:, None] - 1 - slot, slot)
-        perm = np.empty((num_segments, width), dtype=np.int64)
-        in_left = np.zeros((num_segments, width), dtype=bool)
-        # A node whose assignment repeats has converged (its next rounds would repeat it):
-        # later rounds read only the rows of the nodes still moving, and every per-node array
-        # below is kept for those nodes only.
-        active, x_active, valid_a, size_a = segments, xp, valid, size
-        left_a, odd_a, reversed_a, total_a = left, odd, reversed_slot, total
-        # Nodes of <= 2 items are settled by the first round (centroids = the two seeds).
-        rounds = 1 if width <= 2 else num_iters
-        for iteration in range(rounds):
-            # closeness > 0 <=> ||x - c_a|| < ||x - c_b||; halves = a per-node sort.
-            # (||c_a||^2 - ||c_b||^2 as (c_a - c_b) . (c_a + c_b): one product, no cancellation)
-            direction = centroid_a - centroid_b
-            offset = 0.5 * np.einsum("sd,sd->s", direction, centroid_a + centroid_b,
-                                     dtype=np.float64)
-            closeness = np.einsum("scd,sd->sc", x_active, direction) - offset[:, None]
-            order = np.argsort(np.where(valid_a, -closeness, np.inf), axis=1)
-            # Sizes are fixed (ceil left, floor right), not which centroid gets the bigger
-            # half: for odd n the middle item decides, going to the centroid it is closer
-            # to; when that is c_b, the node's order is reversed (c_b's side goes left).
-            nodes = np.arange(active.shape[0])
-            flip = odd_a & (closeness[nodes, order[nodes, size_a // 2]] < 0)
-            if flip.any():
-                order[flip] = np.take_along_axis(order[flip], reversed_a[flip], axis=1)
-            rank = np.empty_like(order)
-            np.put_along_axis(rank, order, np.broadcast_to(slot, order.shape), axis=1)
-            left_now = rank < left_a[:, None]
-            moving = (
-                np.ones(active.shape[0], dtype=bool) if iteration == 0
-                else np.any(left_now != in_left[active], axis=1)
-            )
-            perm[active] = order
-            in_left[active] = left_now
-            if iteration == rounds - 1 or not moving.any():
-                break
-            if not moving.all():
-                keep = np.flatnonzero(moving)
-                active, left_now = active[keep], left_now[keep]
-                x_active = np.take(x_active, keep, axis=0)
-                valid_a, size_a, left_a = valid_a[keep], size_a[keep], left_a[keep]
-                odd_a, reversed_a, total_a = odd_a[keep], reversed_a[keep], total_a[keep]
-            left_sum = np.einsum("sc,scd->sd", left_now.astype(np.float32), x_active)
-            centroid_a = left_sum / left_a[:, None].astype(np.float32)
-            # A one-item node has no right half: c_b = c_a keeps it where it is.
-            right_size = size_a - left_a
-            centroid_b = np.where(
-                (right_size > 0)[:, None],
-                (total_a - left_sum) / np.maximum(right_size, 1)[:, None].astype(np.float32),
-                centroid_a,
-            )
-        del x_active, valid_a, reversed_a, total_a
-
-        # The children's layout: child 2s takes node s's first `left` sorted rows, 2s + 1
-        # the rest, each in that (descending closeness) order, padding last.
-        child_size = np.stack([left, size - left], axis=1).reshape(-1)
-        child_width = int(child_size.max())
-        child_slot = np.arange(child_width)
-        position = np.stack(
-            [np.broadcast_to(child_slot, (num_segments, child_width)),
-             left[:, None] + child_slot], axis=1,
-        ).reshape(num_segments, 2 * child_width)
-        source = np.take_along_axis(perm, np.minimum(position, width - 1), axis=1)
-        source = (segments[:, None] * width + source).reshape(-1)
-        valid = child_slot < child_size[:, None]
-        rows = np.where(valid, rows.reshape(-1)[source].reshape(valid.shape), -1)
+        if gram is None and width <= gram_width:
+            gram = _gram(xp)
+        if gram is None:
+            key, flip = _rounds_rows(xp, sq, valid, size, segments, first, num_iters)
+        else:
+            key, flip = _rounds_gram(gram, sq, valid, size, segments, first, num_iters)
+        source, valid, size = _child_layout(key, flip, size)
+        rows = rows.reshape(-1)[source]
         if lvl < depth - 1:
-            xp = np.take(xp.reshape(-1, dim), source, axis=0).reshape(*valid.shape, dim)
-            xp[~valid] = 0.0
-            sq = np.where(valid, sq.reshape(-1)[source].reshape(valid.shape), -np.inf)
-        size = child_size
-        seconds.append(time.perf_counter() - began)
-    return rows[valid], seconds
+            sq = np.where(valid, sq.reshape(-1)[source], -np.inf)
+            if gram is None:
+                xp = np.take(xp.reshape(-1, xp.shape[2]), source.reshape(-1), axis=0).reshape(
+                    *valid.shape, xp.shape[2])
+            else:
+                # G_child[c, i, j] = G[parent, source_i, source_j] (flat: parent slots).
+                flat = source[:, :, None] * width + (source[:, None, :] % width)
+                gram = np.take(gram.reshape(-1), flat)
+        seconds[offset + lvl - level] += time.perf_counter() - began
+    return rows[valid]
+
+
+def _gram(xp: np.ndarray) -> np.ndarray:
+    """float64 ``[S, W, W]``: every node's Gram matrix, ``_GRAM_ROWS`` rows at a time."""
+    num_segments, width, _ = xp.shape
+    gram = np.empty((num_segments, width, width), np.float64)
+    step = max(1, _GRAM_ROWS // width)
+    for begin in range(0, num_segments, step):
+        part = xp[begin : begin + step].astype(np.float64)
+        np.matmul(part, part.transpose(0, 2, 1), out=gram[begin : begin + step])
+    return gram
+
+
+def _padding_keys(key: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """``key`` with ``+inf`` at each node's padding slot (at most one, at ``size``)."""
+    short = np.flatnonzero(size < key.shape[1])
+    key[short, size[short]] = np.inf
+    return key
+
+
+def _rounds_rows(
+    xp: np.ndarray,
+    sq: np.ndarray,
+    valid: np.ndarray,
+    size: np.ndarray,
+    segments: np.ndarray,
+    first: np.ndarray,
+    num_iters: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One level's 2-means rounds on rows ``xp`` ``[S, W, D]``: ``(key, flip)`` of each
+    node's last round (:func:`_halves`)."""
+    # argmax_x ||x - p||^2 within a node = argmax_x ||x||^2 - 2 x . p (padding: -inf)
+    far = sq - 2.0 * _matvec(xp, xp[segments, first])
+    centroid_a = xp[segments, np.argmax(far, axis=1)]  # [S, D] (copies)
+    far = sq - 2.0 * _matvec(xp, centroid_a)
+    centroid_b = xp[segments, np.argmax(far, axis=1)]
+    del far
+    num_segments, width = valid.shape
+    final_key = np.empty((num_segments, width), np.float64)
+    final_flip = np.zeros(num_segments, dtype=bool)
+    # A node whose assignment repeats has converged (its next rounds would repeat it): later
+    # rounds read only the rows of the nodes still moving, and every per-node array below is
+    # kept for those nodes only.
+    active, x_active, valid_a, size_a = segments, xp, valid, size
+    left_a = (size + 1) // 2
+    previous = sums = None
+    # Nodes of <= 2 items are settled by the first round (centroids = the two seeds).
+    rounds = 1 if width <= 2 else num_iters
+    for iteration in range(rounds):
+        # key = -closeness; closeness > 0 <=> ||x - c_a|| < ||x - c_b||
+        # (||c_a||^2 - ||c_b||^2 as (c_a - c_b) . (c_a + c_b): one product, no cancellation)
+        direction = centroid_a - centroid_b
+        offset = 0.5 * np.einsum("sd,sd->s", direction, centroid_a + centroid_b,
+                                 dtype=np.float64)
+        key = _padding_keys(offset[:, None] - _matvec(x_active, direction), size_a)
+        in_left, flip = _halves(key, size_a, left_a)
+        if iteration == rounds - 1:
+            final_key[active], final_flip[active] = key, flip
+            break
+        if previous is None:
+            sums = _half_sums(x_active, in_left, valid_a)
+        else:
+            changed = in_left != previous
+            keep = _retire_settled(changed.any(axis=1), key, flip, active, final_key, final_flip)
+            if keep is not None:
+                if keep.shape[0] == 0:
+                    break
+                active, x_active = active[keep], np.take(x_active, keep, axis=0)
+                valid_a, size_a, left_a = valid_a[keep], size_a[keep], left_a[keep]
+                in_left, changed, sums = in_left[keep], changed[keep], sums[keep]
+            # Only the rows that changed sides: +x into the left sum, -x out of the right.
+            delta = _moved_sums(x_active, changed, in_left)
+            sums[:, 0] += delta
+            sums[:, 1] -= delta
+        previous = in_left
+        right_a = size_a - left_a
+        centroid_a = (sums[:, 0] / left_a[:, None]).astype(np.float32)
+        # A one-item node has no right half: c_b = c_a keeps it where it is.
+        centroid_b = np.where(
+            (right_a > 0)[:, None], sums[:, 1] / np.maximum(right_a, 1)[:, None], centroid_a
+        ).astype(np.float32)
+    return final_key, final_flip
+
+
+def _retire_settled(
+    moving: np.ndarray,
+    key: np.ndarray,
+    flip: np.ndarray,
+    active: np.ndarray,
+    final_key: np.ndarray,
+    final_flip: np.ndarray,
+) -> np.ndarray | None:
+    """Writes the final keys and flips of the active nodes whose assignment repeated
+    (``~moving``, bool ``[S_active]``) into ``final_key`` / ``final_flip`` (indexed by node).
+
+    Returns the positions (in the active arrays) of the nodes still moving, or ``None`` when
+    all of them still move (nothing to drop)."""
+    if moving.all():
+        return None
+    done = ~moving
+    final_key[active[done]], final_flip[active[done]] = key[done], flip[done]
+    return np.flatnonzero(moving)
+
+
+def _rounds_gram(
+    gram: np.ndarray,
+    sq: np.ndarray,
+    valid: np.ndarray,
+    size: np.ndarray,
+    segments: np.ndarray,
+    first: np.ndarray,
+    num_iters: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_rounds_rows` on the nodes' Gram matrices ``[S, W, W]`` (centroids as weights
+    over the node's items, see :func:`_split_block`)."""
+    seed_a = np.argmax(sq - 2.0 * gram[segments, first], axis=1)
+    seed_b = np.argmax(sq - 2.0 * gram[segments, seed_a], axis=1)
+    num_segments, width = valid.shape
+    # weights[:, 0] = w_a - w_b, weights[:, 1] = w_a + w_b
+    weights = np.zeros((num_segments, 2, width), np.float64)
+    weights[segments, :, seed_a] = 1.0
+    weights[segments, 0, seed_b] -= 1.0
+    weights[segments, 1, seed_b] += 1.0
+    final_key = np.empty((num_segments, width), np.float64)
+    final_flip = np.zeros(num_segments, dtype=bool)
+    active, gram_a, valid_a, size_a = segments, gram, valid, size
+    left_a = (size + 1) // 2
+    previous = None
+    rounds = 1 if width <= 2 else num_iters
+    for iteration in range(rounds):
+        direction = np.matmul(gram_a, weights[:, 0, :, None])[..., 0]  # G (w_a - w_b)
+        offset = 0.5 * np.einsum("sw,sw->s", weights[:, 1], direction)
+        key = _padding_keys(offset[:, None] - direction, size_a)
+        in_left, flip = _halves(key, size_a, left_a)
+        if iteration == rounds - 1:
+            final_key[active], final_flip[active] = key, flip
+            break
+        if previous is not None:
+            moving = (in_left != previous).any(axis=1)
+            keep = _retire_settled(moving, key, flip, active, final_key, final_flip)
+            if keep is not None:
+                if keep.shape[0] == 0:
+                    break
+                active, gram_a = active[keep], np.take(gram_a, keep, axis=0)
+                valid_a, size_a, left_a = valid_a[keep], size_a[keep], left_a[keep]
+                in_left = in_left[keep]
+        previous = in_left
+        right_a = size_a - left_a
+        weight_a = in_left / left_a[:, None]
+        weight_b = np.where(
+            (right_a > 0)[:, None], (valid_a & ~in_left) / np.maximum(right_a, 1)[:, None],
+            weight_a,
+        )
+        weights = np.stack([weight_a - weight_b, weight_a + weight_b], axis=1)
+    return final_key, final_flip
+
+
+def _split_streamed_level(
+    items: _ItemVectors,
+    order: np.ndarray,
+    count: np.ndarray,
+    level: int,
+    firsts: np.ndarray,
+    sq_norms: np.ndarray,
+    num_iters: int,
+    pool: _Workers,
+) -> None:
+    """Splits every node of one streamed level (items per node ``count``), permuting its run
+    of ``order`` in place: whole nodes per thread once every thread's copy fits in
+    ``_NODE_COPY_BYTES``, before that one node at a time with its passes cut between the
+    threads."""
+    copy_bytes = _NODE_COPY_BYTES
+    node_parallel = pool.count > 1 and count.shape[0] > 1 and (
+        pool.count * int(count.max()) * items.dim * items.table.itemsize <= copy_bytes)
+    inner = _Workers(1) if node_parallel else pool
+    node_copy = copy_bytes // pool.count if node_parallel else copy_bytes
+    starts = _starts(count)
+
+    def split_node(segment: int) -> None:
+        start, size = int(starts[segment]), int(count[segment])
+        rows = order[start : start + size]
+        node = _StreamedNode(items, rows, inner, node_copy, contiguous=level == 0)
+        perm = _split_streamed(node, sq_norms[rows], int(firsts[segment]), segment, num_iters)
+        order[start : start + size] = rows[perm]
+
+    segments = list(range(count.shape[0]))
+    if node_parallel:
+        pool.map(split_node, segments)
+    else:
+        for segment in segments:
+            split_node(segment)
 
 
 def _partition(
@@ -505,15 +882,8 @@ def _partition(
     count = np.array([num_items], dtype=np.int64)
     while level < depth and int(count.max()) > block_rows:
         began = time.perf_counter()
-        for segment, (start, size) in enumerate(
-            zip(_starts(count).tolist(), count.tolist(), strict=True)
-        ):
-            rows = order[start : start + size]
-            perm = _split_streamed(
-                _StreamedNode(items, rows, pool), sq_norms[rows], int(firsts[level][segment]),
-                segment, num_iters,
-            )
-            order[start : start + size] = rows[perm]
+        _split_streamed_level(items, order, count, level, firsts[level], sq_norms, num_iters,
+                              pool)
         count = _children(count)
         report(f"level {level} (streamed, {count.shape[0] // 2} nodes)", began)
         level += 1
@@ -531,8 +901,8 @@ def _partition(
         end = int(starts[high - 1] + count[high - 1])
         rows = order[begin:end]
         perm, seconds = _split_block(
-            items.vectors(rows), sq_norms[rows], count[low:high], level, low, firsts, depth,
-            num_iters,
+            items, rows, sq_norms[rows], count[low:high], level, low, firsts, depth,
+            num_iters, _GRAM_WIDTH, _CACHE_ROWS,
         )
         order[begin:end] = rows[perm]
         return seconds
@@ -749,10 +1119,11 @@ class IndexTree:
         The rule, the random draws (one ``rng.integers`` per level) and the node vectors'
         arithmetic are version 1's, so a seed gives version 1's tree and its float32 node
         vectors bit for bit, except where float32 rounding decides a split: the dot products
-        (per node ``einsum`` in blocks, float32 BLAS in streamed passes) and centroid sums
-        (float32 masked sums in blocks, float64 sums updated by the rows that moved when
-        streamed) are computed in another order, which matters only for near-ties
-        (``tests/index/test_tree.py`` checks trees against a float64 statement of the rule).
+        (float32 BLAS; float64 Gram matrices for nodes of at most 64 items) and centroid sums
+        (float64, updated by the rows that changed sides) are computed in another order, which
+        matters only for near-ties -- in the order of near-equal items too, which can change
+        the next level's random first seed (``tests/index/test_tree.py`` checks trees against
+        a float64 statement of the rule). Exact ties (duplicate vectors) are split by rank.
 
         Memory: besides the input, the build state and the tree of the module docstring; the
         float32 input is copied once, in leaf order (the tree's own item vectors). For int8
@@ -1274,34 +1645,50 @@ def _node_means(
 ) -> np.ndarray:
     """float32 ``[2**(K + 1) - 1, D]``: means of the nodes of levels ``0 .. K`` (``K =
     stored_depth``) over ``items`` in leaf order, by float64 sums of sibling pairs from the
-    leaves up (``2**_SUM_GROUP_LEVELS`` leaf slots at a time, in parallel), so each is the mean
-    :meth:`IndexTree.vectors_of` would compute."""
+    leaves up, so each is the mean :meth:`IndexTree.vectors_of` would compute.
+
+    Subtrees of ``2**_SUM_GROUP_LEVELS`` level-``L - 1`` nodes are summed at a time (in
+    parallel), each level by one vectorised add of the even and odd rows; a level-``L - 1``
+    node's sum is its left item plus its right item or ``+0.0`` (a padding slot), the very
+    additions of the pairwise sum over zero-padded leaf slots, without forming those slots."""
     dim = items.dim
     means = np.zeros(((2 << stored_depth) - 1 if stored_depth >= 0 else 0, dim), np.float32)
-    if stored_depth < 0:
+    if stored_depth < 0:  # depth >= 1 from here (stored_depth <= depth - 1)
         return means
-    # Groups are the subtrees of one level, at most 2**_SUM_GROUP_LEVELS slots each.
-    root_level = depth - min(depth - stored_depth, _SUM_GROUP_LEVELS)
-    span = 1 << (depth - root_level)
-    slots_valid = leaf_valid.reshape(-1, span)
-    ranks = np.concatenate([[0], np.cumsum(slots_valid.sum(axis=1))])
-    root_sums = np.zeros((1 << root_level, dim), np.float64)
-    root_counts = np.zeros(1 << root_level, np.int64)
+    # Items per level-(L - 1) node (1 or 2), uint8: 32 MiB at depth 26.
+    pair_counts = leaf_valid.reshape(-1, 2).sum(axis=1, dtype=np.uint8)
+    group_levels = min(depth - 1, _SUM_GROUP_LEVELS)
+    root_level = depth - 1 - group_levels
+    span = 1 << group_levels  # level-(L - 1) nodes per group
+    group_starts = np.concatenate(
+        [[0], np.cumsum(pair_counts.reshape(-1, span).sum(axis=1, dtype=np.int64))])
 
     def store(level: int, first_position: int, sums: np.ndarray, counts: np.ndarray) -> None:
         if level <= stored_depth:
             begin = (1 << level) - 1 + first_position
             means[begin : begin + sums.shape[0]] = sums / np.maximum(counts, 1)[:, None]
 
+    root_sums = np.zeros((1 << root_level, dim), np.float64)
+    root_counts = np.zeros(1 << root_level, np.int64)
+
     def reduce_groups(bounds: tuple[int, int]) -> None:
         for group in range(bounds[0], bounds[1]):
-            valid = slots_valid[group]
-            sums = np.zeros((span, dim), np.float64)
-            sums[valid] = items.vectors(slice(int(ranks[group]), int(ranks[group + 1])))
-            sums, counts = _sum_pairs(
-                sums, valid.astype(np.int64), depth - root_level,
-                lambda step, s, c, group=group: store(depth - step, group * (span >> step), s, c),
-            )
+            counts = pair_counts[group * span : (group + 1) * span].astype(np.int64)
+            first_item, end_item = int(group_starts[group]), int(group_starts[group + 1])
+            # The group's item vectors and one zero row (a padding slot's vector).
+            vectors = np.zeros((end_item - first_item + 1, dim), np.float32)
+            vectors[:-1] = items.vectors(slice(first_item, end_item))
+            lefts = np.cumsum(counts) - counts
+            rights = np.where(counts == 2, lefts + 1, end_item - first_item)
+            sums = vectors[lefts].astype(np.float64)
+            sums += vectors[rights]
+            level = depth - 1
+            store(level, group * span, sums, counts)
+            while level > root_level:
+                sums = sums[0::2] + sums[1::2]
+                counts = counts[0::2] + counts[1::2]
+                level -= 1
+                store(level, group * (span >> (depth - 1 - level)), sums, counts)
             root_sums[group] = sums[0]
             root_counts[group] = counts[0]
 

@@ -295,6 +295,71 @@ def test_build_follows_the_reference_rule(n, block_rows, workers):
     np.testing.assert_array_equal(tree.leaf_item_ids[tree.leaf_valid], expected)
 
 
+@pytest.mark.parametrize(
+    ("gram_width", "cache_rows", "pass_rows"),
+    [(0, 1 << 20, 2048), (0, 64, 2048), (64, 64, 2048), (1 << 20, 1 << 20, 2048),
+     (8, 40, 16)],
+)
+def test_block_regimes_follow_the_reference_rule(monkeypatch, gram_width, cache_rows,
+                                                 pass_rows):
+    # Rows only, rows in cache-sized runs, Gram matrices from the start, Gram below 8 items,
+    # and products cut into 16-row steps: all the same rule.
+    monkeypatch.setattr(tree_module, "_GRAM_WIDTH", gram_width)
+    monkeypatch.setattr(tree_module, "_CACHE_ROWS", cache_rows)
+    monkeypatch.setattr(tree_module, "_PASS_ROWS", pass_rows)
+    embeddings, item_ids = random_items(1100, dim=7, seed=21)
+    tree = IndexTree.build(embeddings, item_ids, seed=2, block_rows=4096, workers=1)
+    expected = item_ids[reference_leaf_order(embeddings, seed=2)]
+    np.testing.assert_array_equal(tree.leaf_item_ids[tree.leaf_valid], expected)
+
+
+@pytest.mark.parametrize("copy_bytes", [0, 700 * 16, 1 << 40])
+def test_streamed_node_copies_give_the_same_tree(monkeypatch, copy_bytes):
+    # Rows gathered in every pass, copied per node with one node at a time (the budget holds
+    # one node of the top levels), and copied with whole nodes per thread: one tree, with the
+    # codes addressed through code_rows as well.
+    codes, _ = unit_codes(900, seed=7)
+    rows = np.random.default_rng(3).permutation(900)[:700]
+    item_ids = np.arange(700) + 11
+    reference = IndexTree.build_from_codes(codes, item_ids, code_rows=rows, block_rows=40,
+                                           workers=1)
+    monkeypatch.setattr(tree_module, "_NODE_COPY_BYTES", copy_bytes)
+    tree = IndexTree.build_from_codes(codes, item_ids, code_rows=rows, block_rows=40,
+                                      workers=2)
+    np.testing.assert_array_equal(tree.leaf_item_ids, reference.leaf_item_ids)
+    np.testing.assert_array_equal(tree.node_vectors, reference.node_vectors)
+
+
+def test_duplicate_items_still_give_a_balanced_tree_of_means():
+    # Exact ties everywhere (each vector 8 times): the selections fall back to ranks, and
+    # the tree keeps its contract.
+    rng = np.random.default_rng(5)
+    embeddings = np.repeat(rng.normal(size=(40, 6)).astype(np.float32), 8, axis=0)
+    item_ids = np.arange(320) + 1
+    for block_rows in (4096, 30):
+        tree = IndexTree.build(embeddings, item_ids, block_rows=block_rows)
+        counts = tree.node_item_counts
+        inner = np.arange((1 << tree.depth) - 1)
+        np.testing.assert_array_equal(counts[2 * inner + 1], (counts[inner] + 1) // 2)
+        np.testing.assert_array_equal(counts[2 * inner + 2], counts[inner] // 2)
+        np.testing.assert_array_equal(np.sort(tree.leaf_item_ids[tree.leaf_valid]), item_ids)
+        row_of = {int(item): row for row, item in enumerate(item_ids)}
+        for node, items in enumerate(items_below(tree)[:63]):
+            expected = embeddings[[row_of[item] for item in items]].astype(np.float64).mean(0)
+            np.testing.assert_allclose(tree.node_vectors[node], expected, atol=1e-6)
+
+
+def test_node_means_summed_in_small_groups_are_identical(monkeypatch):
+    codes, _ = unit_codes(1000, dim=8, seed=8)
+    item_ids = np.arange(1000)
+    whole = IndexTree.build_from_codes(codes, item_ids, computed_levels=0)
+    monkeypatch.setattr(tree_module, "_SUM_GROUP_LEVELS", 2)
+    grouped = IndexTree.build_from_codes(codes, item_ids, computed_levels=0)
+    np.testing.assert_array_equal(grouped._node_means, whole._node_means)
+    np.testing.assert_array_equal(grouped.node_vectors, whole.vectors_of(
+        np.arange(whole.num_nodes)))
+
+
 def test_streamed_path_with_tiny_pass_steps(monkeypatch):
     # Streamed passes of 7 rows (the memory-bounded path at a small size): same tree.
     monkeypatch.setattr(tree_module, "_PASS_ROWS", 7)
