@@ -299,7 +299,7 @@ def _json(row: dict) -> str:
     return json.dumps(row, sort_keys=True)
 
 
-def _parsed_records(pattern: str) -> list[dict]:
+def parsed_records(pattern: str) -> list[dict]:
     files = sorted(glob.glob(pattern))
     out = []
     if not files:
@@ -358,7 +358,7 @@ def read_outputs(data_dir: str) -> dict[str, Any]:
     for name in schema.vocabularies():
         with open(layout.vocab_path(data_dir, name)) as f:
             vocabularies[name] = f.read().splitlines()
-    return {"records": {split: sorted(map(_record_key, _parsed_records(
+    return {"records": {split: sorted(map(_record_key, parsed_records(
                 layout.split_pattern(data_dir, split)))) for split in layout.SPLITS},
             "rejected": rejected, "vocabularies": vocabularies,
             "embeddings": read_embeddings(data_dir), "counts": counts}

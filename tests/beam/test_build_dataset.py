@@ -21,6 +21,7 @@ import muse_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from beam import build_dataset, transforms
 from muse_tf import schema
 from muse_tf.data import layout
+from tests.beam import scenario
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -121,20 +122,8 @@ def built(module_table_writer, tmp_path_factory):
 
 
 def _read_records(pattern: str) -> list[dict]:
-    files = sorted(glob.glob(pattern))
-    assert files, f"no files match {pattern}"
-    out = []
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(64)
-    for batch in dataset:
-        context, sequences, lengths = tf.io.parse_sequence_example(
-            batch, context_features=schema.context_parse_spec(),
-            sequence_features=schema.sequence_parse_spec())
-        for i in range(int(batch.shape[0])):
-            record = {name: int(v[i]) for name, v in context.items()}
-            for name, v in sequences.items():
-                record[name] = v[i].numpy()[:int(lengths[name][i])].tolist()
-            out.append(record)
-    return out
+    assert glob.glob(pattern), f"no files match {pattern}"
+    return scenario.parsed_records(pattern)
 
 
 def _expected_record(sample, users, max_seq_len=MAX_SEQ_LEN) -> dict:
