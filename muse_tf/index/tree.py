@@ -458,11 +458,15 @@ def _moved_sums(x: np.ndarray, changed: np.ndarray, in_left: np.ndarray) -> np.n
 
 def _half_sums(x: np.ndarray, in_left: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """float64 ``[S, 2, D]``: each node's sums over its left and its right rows, by float32
-    products over ``_PASS_ROWS`` slots at a time, accumulated in float64 (as a streamed pass)."""
+    products over ``_PASS_ROWS // 2`` slots at a time, accumulated in float64."""
     masks = np.stack([in_left, valid & ~in_left], axis=1).astype(np.float32)  # [S, 2, W]
     sums = np.zeros((x.shape[0], 2, x.shape[2]), np.float64)
-    for begin in range(0, x.shape[1], _PASS_ROWS):
-        end = begin + _PASS_ROWS
+    # Half as many slots as a pass: a [2, 2048] x [2048, D] product crosses OpenBLAS's
+    # threading threshold, and its threads then fight the build's (measured 20-100x slower
+    # at 35.4M items, where most block-level time went there).
+    step = _PASS_ROWS // 2
+    for begin in range(0, x.shape[1], step):
+        end = begin + step
         sums += np.matmul(masks[:, :, begin:end], x[:, begin:end])
     return sums
 
