@@ -12,6 +12,10 @@ from muse_tf.layers.checks import check_float, check_mask, check_positive_int, c
 
 #: SimTier's binnings (see the class docstring).
 BINNINGS = ("ceil", "floor")
+#: ``"ceil"`` binning: cosines ``>= 1 - SELF_MATCH_TOLERANCE`` count as the target itself
+#: (tier N + 1). A self-match computed from int8 codes and float32 inverse norms is 1 within
+#: a few 1e-7; two different items' cosines that close to 1 have (nearly) the same codes.
+SELF_MATCH_TOLERANCE = 1e-5
 
 
 @tf.keras.utils.register_keras_serializable(package="muse_tf")
@@ -26,9 +30,14 @@ class SimTier(tf.keras.layers.Layer):
 
     * ``binning="ceil"`` (the official MUSE code, ``N = 20``, ``w = 0.1``): tier
       ``n = ceil(s / w) + N/2`` computed in float32, clipped to ``[0, N + 1]``: ``N + 2``
-      tiers; ``s = -1`` alone in tier 0, ``(k-1)w < s - (-1) <= k w`` in tier k, and a
-      cosine rounded above 1 (``1 + ε``, e.g. the target itself in its history) in tier
-      ``N + 1``. A similarity exactly on an edge goes to the **lower** tier.
+      tiers; ``s = -1`` alone in tier 0, ``(k-1)w < s - (-1) <= k w`` in tier k. A
+      similarity exactly on an edge goes to the **lower** tier. Tier ``N + 1`` holds the
+      cosines within :data:`SELF_MATCH_TOLERANCE` of 1 or above: the target itself (or an
+      identical embedding) in the history. The official code puts there only what rounds
+      above 1, so whether a self-match lands in tier N or N + 1 depends on the float
+      rounding of one dot product (batch shape, BLAS kernel, CPU): with it, a re-clicked
+      item's tier could differ between training and serving, or between a request of one
+      user and a batched one. Here it does not (the only departure from the formula).
     * ``binning="floor"`` (the first muse_tf version): N tiers with edges
       ``b_n = float32(-1 + 2n/N)``; tier ``n`` holds ``b_n <= s < b_{n+1}``, the last also
       ``s >= 1``; an inner edge goes to the **upper** tier; ``s < -1`` to the first tier.
@@ -92,6 +101,7 @@ class SimTier(tf.keras.layers.Layer):
             # NaN (only allowed under the mask) is replaced before the integer cast.
             finite = tf.where(tf.math.is_finite(similarities), similarities, 0.0)
             tiers = tf.cast(tf.math.ceil(finite * float(half)), tf.int32) + half
+            tiers = tf.where(finite >= 1.0 - SELF_MATCH_TOLERANCE, self.tier_count - 1, tiers)
             tiers = tf.clip_by_value(tiers, 0, self.tier_count - 1)
             one_hot = tf.one_hot(tiers, self.tier_count, dtype=tf.float32)
             return tf.reduce_sum(one_hot * tf.cast(mask, tf.float32)[:, :, tf.newaxis], axis=1)

@@ -25,6 +25,31 @@ def top_k_reference(scores: np.ndarray, mask: np.ndarray, k: int,
     return {"indices": indices, "scores": values, "mask": selected}
 
 
+def assert_top_k_matches(actual: dict[str, Any], scores: np.ndarray, mask: np.ndarray,
+                         k: int, atol: float = 1e-6) -> None:
+    """``actual`` (a search's ``indices`` / ``scores`` / ``mask``, ``[batch, k]``) is a top-k
+    of the reference ``scores`` ``[batch, L]`` under ``mask``, up to the order of scores
+    within ``atol`` of each other.
+
+    Float products of one row at two positions may round differently (a BLAS kernel treats
+    the last columns of a panel apart, and panels differ between CPUs and shapes), so
+    positions holding the same item tie only within rounding: which of them a search keeps
+    is not a property to test. What is: the same number of picks, distinct valid positions,
+    and at every rank the reference score of the pick within ``atol`` of the reference's
+    own k-th best score at that rank; the reported scores within ``atol`` of the picks'."""
+    expected = top_k_reference(scores, mask, k)
+    indices, picked = np.asarray(actual["indices"]), np.asarray(actual["mask"])
+    np.testing.assert_array_equal(picked, expected["mask"])
+    for b in range(scores.shape[0]):
+        chosen = indices[b][picked[b]]
+        assert len(set(chosen.tolist())) == len(chosen), f"row {b}: repeated picks {chosen}"
+        assert mask[b, chosen].all(), f"row {b}: a masked position was picked: {chosen}"
+        np.testing.assert_allclose(scores[b, chosen], expected["scores"][b][picked[b]],
+                                   atol=atol, err_msg=f"row {b}: picks {chosen}")
+        np.testing.assert_allclose(np.asarray(actual["scores"])[b][picked[b]],
+                                   scores[b, chosen], atol=atol)
+
+
 def unit_rows(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Random L2-normalised float32 vectors along the last axis."""
     x = rng.standard_normal(shape)

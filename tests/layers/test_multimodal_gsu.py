@@ -17,7 +17,7 @@ from .harness import (
     assert_round_trips,
     assert_saved_model_round_trip,
 )
-from .reference import top_k_reference, unit_rows
+from .reference import assert_top_k_matches, top_k_reference, unit_rows
 
 
 def _out(layer, target, history, mask):
@@ -296,14 +296,14 @@ def test_table_candidate_axis_equals_single_searches():
     mask = rng.random((batch, length)) < 0.8
     together = _table_out(layer, targets, rows, mask)
     assert together["indices"].shape == (batch, candidates, k)
+    present = np.abs(array).sum(axis=-1) > 0
+    # The history repeats rows (20 rows, 15 positions): those positions tie only up to the
+    # rounding of their products, so picks are compared as a top-K up to near-ties.
     for c in range(candidates):
         alone = _table_out(layer, targets[:, c], rows, mask)
-        for key in ("indices", "mask"):
-            np.testing.assert_array_equal(together[key][:, c], alone[key])
-        np.testing.assert_allclose(together["scores"][:, c], alone["scores"], atol=1e-6)
-        expected = _table_reference(targets[:, c], array, rows, mask, k)
-        np.testing.assert_array_equal(together["indices"][:, c], expected["indices"])
-        np.testing.assert_allclose(together["scores"][:, c], expected["scores"], atol=1e-6)
+        scores = np.einsum("bd,bld->bl", targets[:, c].astype(np.float64), array[rows])
+        for out in ({key: v[:, c] for key, v in together.items()}, alone):
+            assert_top_k_matches(out, scores, mask & present[rows], k, atol=1e-6)
 
 
 def test_table_float16_storage_matches_rounded_vectors():

@@ -19,6 +19,7 @@ from muse_tf.layers import (
     TargetAttention,
 )
 from muse_tf.layers.attention_logits import MultiHeadAttentionLogits
+from muse_tf.layers.sim_tier import SELF_MATCH_TOLERANCE
 
 from .harness import assert_round_trips
 from .reference import softmax_reference
@@ -34,15 +35,27 @@ def _silu(x: np.ndarray) -> np.ndarray:
 def test_ceil_binning_at_the_tier_edges_matches_the_official_formula():
     layer = SimTier(num_tiers=20, tier_dim=1, binning="ceil")
     assert layer.tier_count == 22
-    sims = np.array([-1.0, -0.95, -0.9, -0.1, 0.0, 0.05, 0.1, 0.3, 0.9, 0.95, 1.0,
-                     1.0000001, -1.2], np.float32)
+    sims = np.array([-1.0, -0.95, -0.9, -0.1, 0.0, 0.05, 0.1, 0.3, 0.9, 0.95, 0.9999,
+                     -1.2], np.float32)
     # Hand-computed: ceil(10 s) + 10 (float32), an edge goes to the lower tier; -1 alone in
-    # tier 0, a cosine rounded above 1 in tier 21, values below -1 clipped to tier 0.
-    expected = [0, 1, 1, 9, 10, 11, 11, 13, 19, 20, 20, 21, 0]
+    # tier 0, values below -1 clipped to tier 0.
+    expected = [0, 1, 1, 9, 10, 11, 11, 13, 19, 20, 20, 0]
     counts = layer.tier_counts(tf.constant(sims[:, None]), tf.ones([len(sims), 1], bool))
     np.testing.assert_array_equal(np.argmax(counts.numpy(), axis=1), expected)
     official = np.ceil(sims * np.float32(1 / np.float32(0.1))).astype(int) + 10
     np.testing.assert_array_equal(np.clip(official, 0, 21), expected)
+
+
+def test_ceil_binning_puts_every_rounding_of_a_self_match_in_the_last_tier():
+    """The official formula sends 1 + ε to tier 21 but 1 - ε and 1.0 to tier 20, so a
+    self-match's tier would follow the rounding of one dot product; here all go to 21, and
+    a cosine just outside the tolerance stays in tier 20."""
+    layer = SimTier(num_tiers=20, tier_dim=1, binning="ceil")
+    ulp = np.float32(2.0**-24)
+    sims = np.array([1 - 4 * ulp, 1 - ulp, 1.0, 1 + 2 * ulp, 1.5,
+                     1 - 2 * SELF_MATCH_TOLERANCE], np.float32)
+    counts = layer.tier_counts(tf.constant(sims[:, None]), tf.ones([len(sims), 1], bool))
+    np.testing.assert_array_equal(np.argmax(counts.numpy(), axis=1), [21, 21, 21, 21, 21, 20])
 
 
 def test_ceil_binning_output_is_log1p_count_times_one_weight_per_tier():
