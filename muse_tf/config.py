@@ -102,6 +102,11 @@ class RetrievalConfig:
     # share of the training clicks) when logq_correction (Yi et al., RecSys 2019).
     temperature: float = 0.2
     logq_correction: bool = True
+    # MISS: tree levels 0 .. S whose nodes get a learned embedding row; deeper nodes use
+    # their items' ID embeddings (a leaf its item's, an inner node their mean). -1 = auto:
+    # every level while the tree has at most 2**22 nodes, else the deepest S with
+    # 2**(S + 1) - 1 <= 2**22 (S = 21); a value above the tree's depth means every level.
+    learned_node_levels: int = -1
 
 
 @dataclasses.dataclass
@@ -240,6 +245,9 @@ class ExperimentConfig:
                                  ">= 0")
         if not self.retrieval.temperature > 0:
             raise ValueError(f"retrieval.temperature={self.retrieval.temperature} must be > 0")
+        if self.retrieval.learned_node_levels < -1:
+            raise ValueError(f"retrieval.learned_node_levels={self.retrieval.learned_node_levels}"
+                             " must be >= 0, or -1 (auto)")
         if self.train.embedding_optimizer not in ("lazy_adam", "adam"):
             raise ValueError(f"train.embedding_optimizer={self.train.embedding_optimizer!r} "
                              "is not one of lazy_adam, adam")

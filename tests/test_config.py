@@ -43,6 +43,12 @@ def test_set_overrides_are_typed():
     assert cfg.data.batch_size == 64
 
 
+def test_miss_learns_node_rows_by_the_automatic_rule_unless_told():
+    assert config_lib.get_experiment("miss_retrieval").retrieval.learned_node_levels == -1
+    cfg = config_lib.resolve("miss_retrieval", assignments=["retrieval.learned_node_levels=3"])
+    assert cfg.retrieval.learned_node_levels == 3
+
+
 def test_yaml_file_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  gsu: category\n  esu: [ta]\ntrain:\n  epochs: 3\n")
@@ -63,6 +69,7 @@ def test_registry_entries_are_independent_copies():
     ("model.esu=ta,sa_ta", "'ta' or 'sa_ta'"),
     ("model.top_k=0", "model.top_k=0"),
     ("train.strategy=tpu", "train.strategy='tpu'"),
+    ("retrieval.learned_node_levels=-2", "retrieval.learned_node_levels=-2 must be >= 0"),
 ])
 def test_bad_overrides_name_the_field(assignment, message):
     with pytest.raises((ValueError, KeyError), match=message.replace("(", r"\(")):

@@ -5,7 +5,9 @@ top-down with a learned (user, node) scorer. This module holds:
 
 * :class:`MissNodeScorer`: the scorer. For a user and ``M`` tree nodes at once::
 
-      e_n  = E_node[n]                                 learned node embedding   [B, M, 2E]
+      e_n  = E_node[n]                  learned node embedding, levels 0 .. S    [B, M, 2E]
+           = mean_{i under n} e_i       below S: its items' ID embeddings (item ⊕ category;
+                                        a leaf: its item's own)
       v_n  = normalise(mean of the node's leaves' normalised SCL vectors)        [B, M, D]
       GSU:    CoMultimodalGSU: top-K/2 behaviours by <e_n, e_i> (ID embedding item ⊕
               category), then top-K/2 others by cos(v_n, m_i) (frozen SCL vectors)
@@ -20,6 +22,18 @@ top-down with a learned (user, node) scorer. This module holds:
   matrix product with the top-K over the last axis; the history is never tiled ``M`` times
   nor re-read from the multimodal table per call. Features come from one
   :class:`~muse_tf.embeddings.feature_embeddings.FeatureEmbeddings` (as the two-tower's).
+
+  Node tables at catalogue scale (TAOBAO-MM: 35.4M items, depth 26, 2**27 - 1 node ids): one
+  learned row and one float32 vector per node would be 17 GB (+ optimizer slots) and 68 GB.
+  Learned rows exist for levels ``0 .. S`` only (:func:`learned_levels`: every level while
+  the tree has at most :data:`MAX_LEARNED_NODES` nodes, else ``S = 21``); ``v_n`` is stored
+  for levels ``0 .. T`` (:attr:`MissNodeScorer.stored_multimodal_depth`; every level when every
+  level is learned, else the tree's stored means, :attr:`IndexTree.stored_depth`); deeper
+  nodes are computed in TF ops from their at most ``2**(L - S - 1)`` resp. ``2**(L - T - 1)``
+  leaf slots, through one int32 ``[2**L]`` leaf slot -> item row table (0 at padding slots)
+  and, for ``e_n``, each item row's category row. Gradients reach the item and category
+  embeddings through those means. Small trees keep every row learned and stored: the same
+  variables and numbers as a fully tabulated scorer.
 * :class:`TrainingNodes`: TDM-style training targets of clicked items in TF ops (they run
   inside the tf.data pipeline): positives = ancestors at levels ``1 .. depth``, negatives =
   random nodes of the same level;
@@ -32,7 +46,7 @@ top-down with a learned (user, node) scorer. This module holds:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -44,6 +58,8 @@ from muse_tf.config import ModelConfig
 from muse_tf.embeddings import MultimodalCodes, Vocabulary
 from muse_tf.embeddings.arrays import normalise_rows
 from muse_tf.embeddings.feature_embeddings import VALID, FeatureEmbeddings
+from muse_tf.embeddings.id_lookup import NUM_RESERVED_ROWS, OOV_ROW, PADDING_ROW
+from muse_tf.embeddings.multimodal_table import _write_rows as write_rows
 from muse_tf.index.beam_search import BeamSearchResult, TreeTensors, tree_beam_search
 from muse_tf.index.tree import IndexTree
 from muse_tf.layers import CoMultimodalGSU, MLPTower, TargetAttention
@@ -53,12 +69,15 @@ from muse_tf.layers.topk import INDICES, MASK, SCORES
 from muse_tf.training.step import TwoOptimizerModel
 
 __all__ = [
+    "AUTO_LEARNED_LEVELS",
+    "MAX_LEARNED_NODES",
     "NODE_IDS",
     "NODE_LABELS",
     "QUERY_FEATURES",
     "MissNodeScorer",
     "MissTreeIndex",
     "TrainingNodes",
+    "learned_levels",
 ]
 
 #: Input keys of the scorer beside the schema features: node ids int32 [B, M] and, for the
@@ -68,6 +87,57 @@ NODE_LABELS = "node_labels"
 
 #: Raw features a retrieval query needs (user side + padded history + its length).
 QUERY_FEATURES: tuple[str, ...] = schema.QUERY_FEATURES
+
+#: ``learned_node_levels`` (``retrieval.learned_node_levels``) that sizes the learned levels
+#: by the tree (:func:`learned_levels`).
+AUTO_LEARNED_LEVELS = -1
+#: The most learned node rows the automatic rule allows: 2**22 (4.2M rows, 537 MB at 2E = 32
+#: floats, three times that with Adam's slots).
+MAX_LEARNED_NODES = 1 << 22
+#: Rows written per step when the node tables are filled (4 MB of ids, 32 MB of D = 128
+#: vectors).
+_FILL_ROWS = 1 << 16
+
+
+def learned_levels(depth: int, learned_node_levels: int = AUTO_LEARNED_LEVELS) -> int:
+    """``S``: the deepest tree level whose nodes get a learned embedding row.
+
+    Args:
+      depth: ``L`` of the tree.
+      learned_node_levels: :data:`AUTO_LEARNED_LEVELS` (-1): ``L`` when the whole tree has at
+        most :data:`MAX_LEARNED_NODES` nodes (``L <= 21``), else the deepest ``S`` with
+        ``2**(S + 1) - 1 <= MAX_LEARNED_NODES`` (21); otherwise ``min(value, L)``.
+
+    Returns:
+      ``S`` in ``[0, L]``.
+    """
+    if (isinstance(learned_node_levels, bool)
+            or not isinstance(learned_node_levels, int | np.integer)
+            or learned_node_levels < AUTO_LEARNED_LEVELS):
+        raise ValueError(f"learned_node_levels must be an int >= 0, or {AUTO_LEARNED_LEVELS} "
+                         f"(auto), got {learned_node_levels!r}")
+    if learned_node_levels == AUTO_LEARNED_LEVELS:
+        if (2 << depth) - 1 <= MAX_LEARNED_NODES:
+            return int(depth)
+        return (MAX_LEARNED_NODES + 1).bit_length() - 2
+    return int(min(learned_node_levels, depth))
+
+
+def _host_variable(values: np.ndarray, name: str) -> tf.Variable:
+    """A non-trainable variable on the host CPU (where tf.data functions run) holding
+    ``values``, created eagerly."""
+    with tf.init_scope(), tf.device("/CPU:0"):
+        return tf.Variable(values, trainable=False, name=name)
+
+
+def _fill_rows(variable: tf.Variable, rows: Callable[[int, int], np.ndarray]) -> None:
+    """Writes ``rows(a, b)`` into ``variable[a:b]`` for every :data:`_FILL_ROWS` block, in
+    place (eagerly): no constant initializer, so no graph ever holds the table (2 GB proto
+    limit) and the values are formed one block at a time."""
+    total = int(variable.shape[0])
+    for begin in range(0, total, _FILL_ROWS):
+        end = min(begin + _FILL_ROWS, total)
+        write_rows(variable, begin, np.asarray(rows(begin, end)))  # scatter_update, in place
 
 
 class TrainingNodes:
@@ -79,7 +149,8 @@ class TrainingNodes:
     negatives (the distribution of :meth:`IndexTree.ancestors` +
     :meth:`IndexTree.sample_negatives`). Stateless random ops: the same ``(item ids, seed)``
     always give the same nodes, so a tf.data pipeline that maps it over
-    ``(batch, step counter)`` is deterministic.
+    ``(batch, step counter)`` is deterministic. The per-item arrays and the id -> position
+    table are host-side variables and a lookup table, not constants of the pipeline's graph.
 
     Call: ``(item_ids int64 [Q], seed int [2]) -> (nodes int32 [Q, W], labels float32 [Q,
     W])`` with ``W = depth * (1 + negatives_per_level)``; level ``l`` occupies columns
@@ -109,13 +180,19 @@ class TrainingNodes:
         self._first = tf.constant((1 << levels) - 1)
         # Candidates per level: every node above the leaves, the items at the leaf level.
         self._size = tf.constant(np.where(levels < self.depth, 1 << levels, tree.num_items))
-        self._item_leaf = tf.constant(np.asarray(tree.item_leaf, np.int64))
-        self._leaf_rank = tf.constant(np.searchsorted(valid_leaves, tree.item_leaf))
-        self._valid_leaves = tf.constant(valid_leaves)
-        self._positions = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(
-                tf.constant(np.asarray(tree.item_ids, np.int64)),
-                tf.range(tree.num_items, dtype=tf.int64)), default_value=-1)
+        # Per-item arrays (3 * 142 MB at 35.4M items) live in host variables: a constant
+        # captured by the pipeline's map function would be serialised with the dataset
+        # graph whenever tf.data rewrites it (2 GB proto limit). int32 holds node ids of
+        # depth <= 30 and ranks < 2**31.
+        self._item_leaf = _host_variable(tree.item_leaf.astype(np.int32), "item_leaf")
+        self._leaf_rank = _host_variable(
+            np.searchsorted(valid_leaves, tree.item_leaf).astype(np.int32), "leaf_rank")
+        self._valid_leaves = _host_variable(valid_leaves.astype(np.int32), "valid_leaves")
+        with tf.init_scope(), tf.device("/CPU:0"):
+            self._positions = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(
+                    tf.constant(np.asarray(tree.item_ids, np.int64)),
+                    tf.range(tree.num_items, dtype=tf.int64)), default_value=-1)
 
     def contains(self, item_ids: tf.Tensor) -> tf.Tensor:
         """bool (shape of ``item_ids``): which raw item ids the tree holds."""
@@ -129,12 +206,13 @@ class TrainingNodes:
                                "TrainingNodes.contains first)")
         with tf.control_dependencies([check]):
             positions = tf.identity(positions)
-        leaf = tf.gather(self._item_leaf, positions)                            # [Q]
+        leaf = tf.cast(tf.gather(self._item_leaf, positions), tf.int64)         # [Q]
         shifts = self.depth - self._levels
         positives = tf.bitwise.right_shift(leaf[:, None] + 1, shifts[None, :]) - 1  # [Q, depth]
         # Rank of the positive among its level's candidates; draw among the others.
         rank = tf.concat([positives[:, :-1] - self._first[None, :-1],
-                          tf.gather(self._leaf_rank, positions)[:, None]], axis=1)
+                          tf.cast(tf.gather(self._leaf_rank, positions), tf.int64)[:, None]],
+                         axis=1)
         n = self.negatives_per_level
         uniform = tf.random.stateless_uniform(tf.stack([tf.size(ids), self.depth, n]),
                                               seed=seed, dtype=tf.float64)
@@ -144,7 +222,7 @@ class TrainingNodes:
         draws = tf.minimum(draws, others[None, :, None] - 1)
         draws += tf.cast(draws >= rank[..., None], tf.int64)                   # [Q, depth, n]
         inner = self._first[None, :-1, None] + draws[:, :-1]
-        leaves = tf.gather(self._valid_leaves, draws[:, -1:])
+        leaves = tf.cast(tf.gather(self._valid_leaves, draws[:, -1:]), tf.int64)
         nodes = tf.concat([positives[..., None], tf.concat([inner, leaves], axis=1)], axis=-1)
         labels = tf.tile(tf.one_hot([0], 1 + n, dtype=tf.float32), [self.depth, 1])
         labels = tf.broadcast_to(tf.reshape(labels, [1, self.width]),
@@ -165,9 +243,25 @@ class MissNodeScorer(TwoOptimizerModel):
     one device the mean over the batch's ``B * M`` pairs). Logged metric: ``auc`` over the
     (user, node) pairs.
 
+    Node tables (:meth:`node_features`; ``L`` = depth, ``S`` = :attr:`learned_node_levels`,
+    ``T`` = :attr:`stored_multimodal_depth`):
+
+    * ``node_embedding``: learned rows ``[2**(S + 1) - 1, 2E]`` for levels ``0 .. S``; a
+      node below ``S`` is the masked mean of the ID embeddings (item ⊕ category, as the
+      history's) of the items in its ``2**(L - l)`` leaf slots (a leaf: its item's own);
+    * ``node_multimodal``: float32 ``[2**(T + 1) - 1, D]``, the tree's node vectors of
+      levels ``0 .. T``, re-normalised (the MM-GSU similarity is a cosine), written in
+      chunks (never a graph constant); a deeper node's is ``normalise(sum of its items'
+      unit vectors c_r rho_r)`` from the frozen multimodal table, the direction of
+      :meth:`IndexTree.vectors_of`;
+    * with ``S < L`` or ``T < L``: ``leaf_item_rows`` int32 ``[2**L]`` (the item row of each
+      leaf slot, 0 at padding slots: the validity mask) and, with ``S < L``,
+      ``item_category_rows`` int32 ``[item rows]`` (category row of each item row; the OOV
+      row where unknown).
+
     Trained by ``fit`` with two optimizers (:meth:`embedding_variables`: the ID and node
     embeddings). :meth:`get_config` / :meth:`from_config` rebuild it; the frozen multimodal
-    table and the node vectors are weights (zeros in a rebuilt scorer until its weights are
+    table and the node tables are weights (zeros in a rebuilt scorer until its weights are
     loaded).
 
     Args:
@@ -176,40 +270,83 @@ class MissNodeScorer(TwoOptimizerModel):
         ``short_term_len``, ``num_heads``/``head_dim`` of the ESU, ``tower_units``,
         ``tower_activation``, ``dropout``, ``use_user_attributes``.
       vocabularies: model-side vocabularies (or their dict form).
-      node_vectors: ``[num_nodes, D]`` tree node vectors (:attr:`IndexTree.node_vectors`: the
-        mean of each node's leaves' normalised embeddings); re-normalised here so the MM-GSU
-        similarity is a cosine. ``None`` to restore them from weights (give ``num_nodes``).
+      node_vectors: ``[num_nodes, D]`` every node's vector (:attr:`IndexTree.node_vectors`)
+        of a tree whose levels are all learned; prefer ``tree``, which needs no dense array.
       mm_table: the ``[item rows, D]`` frozen multimodal table to load (``ItemTables.mm_table``:
         int8 codes by reference; see :class:`~muse_tf.embeddings.FrozenMultimodalTable`), or
         ``None`` to restore it. Stored as ``config.mm_storage_dtype``.
       mm_dim: D.
-      num_nodes: node rows when ``node_vectors`` is None.
+      num_nodes: ``2**(L + 1) - 1``, to restore the scorer from weights (neither
+        ``node_vectors`` nor ``tree``).
+      tree: the index tree: the node tables are filled from it (its stored means,
+        :meth:`IndexTree.vectors_of`, its leaves' items).
+      learned_node_levels: ``S`` (:func:`learned_levels`: -1 = auto, or at most the depth).
+      stored_multimodal_depth: ``T`` in ``[-1, L]``; default ``L`` when every level is
+        learned, else the tree's :attr:`~IndexTree.stored_depth`.
+      item_categories: ``(item ids, category ids)``: each item's raw category id (e.g.
+        :func:`~muse_tf.training.retrieval_data.item_categories`), read when ``S < L``;
+        items not in it get the OOV category row.
     """
 
     def __init__(self, config: ModelConfig, vocabularies: Mapping[str, Vocabulary | dict],
                  node_vectors: np.ndarray | None = None,
                  mm_table: MultimodalCodes | np.ndarray | None = None,
-                 mm_dim: int = schema.MM_EMBEDDING_DIM, num_nodes: int | None = None,
+                 mm_dim: int = schema.MM_EMBEDDING_DIM, num_nodes: int | None = None, *,
+                 tree: IndexTree | None = None,
+                 learned_node_levels: int = AUTO_LEARNED_LEVELS,
+                 stored_multimodal_depth: int | None = None,
+                 item_categories: tuple[np.ndarray, np.ndarray] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if config.top_k < 2:
             raise ValueError(f"MISS needs model.top_k >= 2 (K/2 behaviours per GSU), got "
                              f"{config.top_k}")
+        if node_vectors is not None and tree is not None:
+            raise ValueError("MissNodeScorer takes node_vectors or tree, not both")
         if node_vectors is not None:
             node_vectors = np.asarray(node_vectors)
             if node_vectors.ndim != 2 or node_vectors.shape[1] != mm_dim:
                 raise ValueError(f"node_vectors must be [num_nodes, mm_dim={mm_dim}], got shape "
                                  f"{node_vectors.shape}")
-            if num_nodes is not None and num_nodes != node_vectors.shape[0]:
-                raise ValueError(f"num_nodes={num_nodes} but node_vectors has "
-                                 f"{node_vectors.shape[0]} rows")
-            num_nodes = int(node_vectors.shape[0])
+            rows = int(node_vectors.shape[0])
+        elif tree is not None:
+            if tree.dim != mm_dim:
+                raise ValueError(f"the tree's vectors have dim {tree.dim}, mm_dim={mm_dim}")
+            rows = tree.num_nodes
         elif isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
-            raise ValueError(f"MissNodeScorer needs node_vectors or a positive num_nodes, got "
-                             f"num_nodes={num_nodes!r}")
+            raise ValueError(f"MissNodeScorer needs node_vectors, a tree or a positive "
+                             f"num_nodes, got num_nodes={num_nodes!r}")
+        else:
+            rows = num_nodes
+        if num_nodes is not None and num_nodes != rows:
+            raise ValueError(f"num_nodes={num_nodes} but the tree has {rows} nodes")
+        if rows & (rows + 1):
+            raise ValueError(f"num_nodes={rows} is not 2**(depth + 1) - 1 (a perfect binary tree "
+                             "in heap order)")
         self.config = config
-        self.num_nodes = int(num_nodes)
+        self.num_nodes = rows
+        self.depth = (rows + 1).bit_length() - 2
         self.mm_dim = int(mm_dim)
+        self.learned_node_levels = learned_levels(self.depth, learned_node_levels)
+        if stored_multimodal_depth is None:
+            if self.learned_node_levels == self.depth:
+                stored_multimodal_depth = self.depth
+            elif tree is None:
+                raise ValueError("MissNodeScorer: learned_node_levels < depth needs the tree "
+                                 "(tree=...) or stored_multimodal_depth")
+            else:
+                stored_multimodal_depth = tree.stored_depth
+        if (isinstance(stored_multimodal_depth, bool)
+                or not isinstance(stored_multimodal_depth, int | np.integer)
+                or not -1 <= stored_multimodal_depth <= self.depth):
+            raise ValueError(f"stored_multimodal_depth must be an int in [-1, depth="
+                             f"{self.depth}], got {stored_multimodal_depth!r}")
+        self.stored_multimodal_depth = int(stored_multimodal_depth)
+        if node_vectors is not None and self.needs_leaves:
+            raise ValueError(f"node_vectors fill every level; learned_node_levels="
+                             f"{self.learned_node_levels} and stored_multimodal_depth="
+                             f"{self.stored_multimodal_depth} below depth {self.depth} need "
+                             "the tree (tree=...)")
         self.features = FeatureEmbeddings(
             vocabularies, config.id_embedding_dim, mm_dim=mm_dim,
             short_term_len=config.short_term_len,
@@ -217,15 +354,26 @@ class MissNodeScorer(TwoOptimizerModel):
             mm_storage_dtype=config.mm_storage_dtype, name="features")
         node_dim = self.features.behaviour_dim
         self.node_embedding = tf.keras.layers.Embedding(
-            self.num_nodes, node_dim, name="node_embedding",
+            (2 << self.learned_node_levels) - 1, node_dim, name="node_embedding",
             embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
         with tf.name_scope(self.node_embedding.name):
             self.node_embedding.build(tf.TensorShape([None]))
-        initial = ("zeros" if node_vectors is None
-                   else tf.constant_initializer(normalise_rows(node_vectors)))
         self.node_mm = self.add_weight(
-            name="node_multimodal", shape=(self.num_nodes, mm_dim), dtype=tf.float32,
-            initializer=initial, trainable=False)
+            name="node_multimodal", shape=((1 << (self.stored_multimodal_depth + 1)) - 1, mm_dim),
+            dtype=tf.float32, initializer="zeros", trainable=False)
+        self.leaf_rows = self.item_category_rows = None
+        if self.needs_leaves:
+            self.leaf_rows = self.add_weight(
+                name="leaf_item_rows", shape=(1 << self.depth,), dtype=tf.int32,
+                initializer="zeros", trainable=False)
+        if self.learned_node_levels < self.depth:
+            self.item_category_rows = self.add_weight(
+                name="item_category_rows", shape=(self.features.item_lookup.num_rows,),
+                dtype=tf.int32, initializer="zeros", trainable=False)
+        if node_vectors is not None:
+            _fill_rows(self.node_mm, lambda a, b: normalise_rows(node_vectors[a:b]))
+        if tree is not None:
+            self._load_tree(tree, item_categories)
         self.gsu = CoMultimodalGSU(config.top_k, table=self.features.mm_table, name="gsu_miss")
         self.attention = TargetAttention(config.num_heads, config.head_dim,
                                          key_dim=node_dim, name="esu_target_attention")
@@ -237,17 +385,110 @@ class MissNodeScorer(TwoOptimizerModel):
                 from_logits=True, reduction=tf.keras.losses.Reduction.SUM),
             metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")])
 
+    @property
+    def needs_leaves(self) -> bool:
+        """Whether some level is computed from its leaves' items (``S < L`` or ``T < L``)."""
+        return min(self.learned_node_levels, self.stored_multimodal_depth) < self.depth
+
+    def _load_tree(self, tree: IndexTree,
+                   item_categories: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """Fills the node tables from ``tree``, :data:`_FILL_ROWS` rows at a time (eagerly)."""
+        _fill_rows(self.node_mm, lambda a, b: normalise_rows(tree.vectors_of(np.arange(a, b))))
+        lookup = self.features.item_lookup
+        if self.leaf_rows is not None:
+            # Item id 0 (padding slots) looks up the padding row 0.
+            _fill_rows(self.leaf_rows, lambda a, b: lookup.lookup_all(
+                tf.constant(tree.leaf_item_ids[a:b], tf.int64)).numpy())
+        if self.item_category_rows is not None:
+            categories = np.full(lookup.num_rows, OOV_ROW, np.int32)
+            categories[PADDING_ROW] = PADDING_ROW
+            if item_categories is not None:
+                item_ids, category_ids = (np.asarray(x, np.int64) for x in item_categories)
+                if item_ids.ndim != 1 or item_ids.shape != category_ids.shape:
+                    raise ValueError(f"item_categories must be two [N] arrays (item ids, "
+                                     f"category ids), got shapes {item_ids.shape} and "
+                                     f"{category_ids.shape}")
+                for begin in range(0, len(item_ids), _FILL_ROWS):
+                    rows = lookup.lookup_all(tf.constant(item_ids[begin:begin + _FILL_ROWS]))
+                    rows = rows.numpy()
+                    known = rows >= NUM_RESERVED_ROWS  # not padding, not out of vocabulary
+                    categories[rows[known]] = self.features.lookup(
+                        schema.ITEM_CATEGORY.vocabulary,
+                        tf.constant(category_ids[begin:begin + _FILL_ROWS][known])).numpy()
+            _fill_rows(self.item_category_rows, lambda a, b: categories[a:b])
+
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "model_config": dataclasses.asdict(self.config),
                 "vocabularies": self.features.get_config()["vocabularies"],
-                "num_nodes": self.num_nodes, "mm_dim": self.mm_dim}
+                "num_nodes": self.num_nodes, "mm_dim": self.mm_dim,
+                "learned_node_levels": self.learned_node_levels,
+                "stored_multimodal_depth": self.stored_multimodal_depth}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MissNodeScorer:
         config = dict(config)
         model_config = ModelConfig(**config.pop("model_config"))
         return cls(model_config, config.pop("vocabularies"), **config)
+
+    # ------------------------------------------------------------------ nodes
+    def node_features(self, node_ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(e_n, v_n)`` of node ids int ``[...]``: float32 ``[..., 2E]`` and ``[..., D]``
+        (class docstring: table rows down to ``S`` / ``T``, computed from the leaves below)."""
+        node_ids = tf.cast(node_ids, tf.int32)
+        if not self.needs_leaves:  # every row tabulated: two gathers
+            return self.node_embedding(node_ids), tf.gather(self.node_mm, node_ids)
+        flat = tf.reshape(node_ids, [-1])
+        embedding = self._by_level(flat, self.learned_node_levels, self.node_embedding,
+                                   self._mean_item_embedding)
+        multimodal = self._by_level(flat, self.stored_multimodal_depth,
+                                    lambda nodes: tf.gather(self.node_mm, nodes),
+                                    self._item_direction)
+
+        def unflatten(values: tf.Tensor) -> tf.Tensor:
+            shape = tf.concat([tf.shape(node_ids), tf.shape(values)[1:]], axis=0)
+            out = tf.reshape(values, shape)
+            out.set_shape(node_ids.shape.concatenate(values.shape[1:]))
+            return out
+
+        return unflatten(embedding), unflatten(multimodal)
+
+    def _by_level(self, nodes: tf.Tensor, table_depth: int,
+                  from_table: Callable[[tf.Tensor], tf.Tensor],
+                  from_items: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
+        """``[n, F]`` for node ids int32 ``[n]``: ``from_table(ids)`` at levels ``0 ..
+        table_depth``, ``from_items(item rows int32 [n_l, 2**(L - l)])`` of the leaf slots of
+        each deeper level ``l`` (static widths; the nodes are partitioned by level)."""
+        depth = self.depth
+        # Part 0: the table's levels (none when table_depth = -1); part k: level
+        # table_depth + k.
+        parts = depth - table_depth + 1
+        bucket = tf.add_n([tf.zeros_like(nodes)] + [
+            tf.cast(nodes >= (1 << level) - 1, tf.int32)
+            for level in range(table_depth + 1, depth + 1)])
+        positions = tf.dynamic_partition(tf.range(tf.size(nodes)), bucket, parts)
+        groups = tf.dynamic_partition(nodes, bucket, parts)
+        values = [from_table(groups[0])]
+        for part in range(1, parts):
+            span = 1 << (depth - table_depth - part)
+            first = (groups[part] + 1) * span - (1 << depth)    # its first leaf slot
+            slots = first[:, tf.newaxis] + tf.range(span)[tf.newaxis, :]
+            values.append(from_items(tf.gather(self.leaf_rows, slots)))
+        return tf.dynamic_stitch(positions, values)
+
+    def _mean_item_embedding(self, rows: tf.Tensor) -> tf.Tensor:
+        """Masked mean ``[n, 2E]`` of the ID embeddings (item ⊕ category) of item rows
+        ``[n, span]`` (row 0: a padding slot, left out)."""
+        embedded = self.features.behaviour_embedding(
+            rows, tf.gather(self.item_category_rows, rows))                  # [n, span, 2E]
+        valid = tf.cast(rows > PADDING_ROW, embedded.dtype)[..., tf.newaxis]
+        counts = tf.maximum(tf.reduce_sum(valid, axis=1), 1.0)
+        return tf.reduce_sum(embedded * valid, axis=1) / counts
+
+    def _item_direction(self, rows: tf.Tensor) -> tf.Tensor:
+        """``normalise(sum of the unit multimodal vectors)`` ``[n, D]`` of item rows
+        ``[n, span]`` (padding rows are zero vectors: nothing to mask)."""
+        return tf.math.l2_normalize(tf.reduce_sum(self.features.mm_table(rows), axis=1), axis=-1)
 
     # ------------------------------------------------------------------ forward
     def encode_user(self, features: Mapping[str, tf.Tensor],
@@ -282,8 +523,7 @@ class MissNodeScorer(TwoOptimizerModel):
         tf.debugging.assert_less(node_ids, self.num_nodes,
                                  message=f"{NODE_IDS} must be < num_nodes={self.num_nodes}")
         tf.debugging.assert_non_negative(node_ids, message=f"{NODE_IDS} must be >= 0")
-        node_emb = self.node_embedding(node_ids)                            # [B, M, 2E]
-        node_mm = tf.gather(self.node_mm, node_ids)                         # [B, M, D]
+        node_emb, node_mm = self.node_features(node_ids)                   # [B, M, 2E / D]
         target = {ID: node_emb, MM: node_mm}
         if all(key in user for key in SEARCH_KEYS):
             selection = self.gsu.search(target, user)                       # [B, M, K]

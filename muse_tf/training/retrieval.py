@@ -4,8 +4,12 @@ evaluate, export; ``python -m muse_tf.train --experiment miss_retrieval|two_towe
 Both experiments use the same data and catalogue:
 
 * **Catalogue** = the items of the multimodal (SCL) table. MISS builds its index tree over
-  their L2-normalised vectors (:meth:`IndexTree.build`, saved as ``MODEL_DIR/index_tree.npz``);
-  the two-tower indexes the same items. A clicked item without a multimodal embedding is in
+  their L2-normalised vectors, straight from the int8 codes (:meth:`IndexTree.build_from_codes`,
+  saved as ``MODEL_DIR/index_tree.npz``), learns node rows for the tree's upper levels
+  (``retrieval.learned_node_levels``) and, below them, embeds nodes by their items (item ⊕
+  category ID embeddings, the categories counted on the train impressions,
+  :func:`~muse_tf.training.retrieval_data.item_categories`); the two-tower indexes the same
+  items. A clicked item without a multimodal embedding is in
   neither: such training samples are skipped and such test samples count as misses, and both
   are counted exactly in ``metrics.json`` (``train.clicks_seen``,
   ``train.clicks_not_in_index``, ``test.targets_not_in_index``).
@@ -69,6 +73,7 @@ from muse_tf.models.miss_retrieval import (
     MissNodeScorer,
     MissTreeIndex,
     TrainingNodes,
+    learned_levels,
 )
 from muse_tf.models.two_tower import CANDIDATE_PROBABILITY, TwoTowerModel
 from muse_tf.training import runs
@@ -85,6 +90,7 @@ from muse_tf.training.retrieval_data import (
     SamplingProbabilities,
     click_counts,
     clicked_dataset,
+    item_categories,
     training_dataset,
 )
 from muse_tf.training.step import TwoOptimizerModel
@@ -256,13 +262,24 @@ def miss_eval_batch_size(eval_batch_size: int, beam_width: int, depth: int,
                       _MISS_SCORE_ELEMENTS // (width_per_level * max(seq_len, 1))))
 
 
+def _layout_of(tree: IndexTree) -> IndexTree:
+    """``tree``'s layout (leaves, items, levels: what training targets, the beam search and
+    its bookkeeping read) without its vectors (zero-width, :meth:`IndexTree.from_parts`), so
+    that the tree no longer holds the int8 codes nor its stored means."""
+    return IndexTree.from_parts(tree.leaf_item_ids, tree.leaf_valid,
+                                np.zeros((0, 0), np.float32),
+                                np.zeros((tree.num_items, 0), np.float32))
+
+
 def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
              data_dir: str | DataDir | None = None) -> dict[str, Any]:
     """Builds the tree, trains the MISS scorer, evaluates the beam search, exports."""
     run = _Run(config, model_dir, data_dir)
     retrieval, catalogue, tables = config.retrieval, run.catalogue, run.tables
     start = time.perf_counter()
-    tree = IndexTree.build(catalogue.vectors, catalogue.item_ids, seed=config.data.seed)
+    # From the int8 codes by reference: no float32 copy of the catalogue (18 GB at 35.4M).
+    tree = IndexTree.build_from_codes(catalogue.codes, catalogue.item_ids,
+                                      code_rows=catalogue.code_rows, seed=config.data.seed)
     tree_seconds = time.perf_counter() - start
     if run.chief:
         tree.save(os.path.join(model_dir, TREE_FILE))
@@ -277,11 +294,27 @@ def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
         return {**{name: batch[name] for name in QUERY_FEATURES},
                 NODE_IDS: nodes, NODE_LABELS: labels}
 
-    scorer, training = run.fit(
-        lambda: MissNodeScorer(config.model, tables.vocabularies, tree.node_vectors,
-                               mm_table=tables.mm_table, mm_dim=tables.mm_dim,
-                               name=f"miss_scorer_{config.name}"),
-        keep=targets.contains, add_targets=with_nodes)
+    learned = learned_levels(tree.depth, retrieval.learned_node_levels)
+    # Only the scorer's build reads the tree's vectors, the host codes and the items'
+    # categories (nodes below the learned levels embed their items: item ⊕ category); once
+    # its weights hold them they go (N * D bytes of codes and the stored means: 5.6 GB at
+    # 35.4M items), before training. The run keeps the tree's layout.
+    for_build = {"tree": tree, "tables": tables, "categories": (
+        item_categories(run.data, "train") if learned < tree.depth else None)}
+    del tables
+    tree = _layout_of(tree)
+
+    def build() -> MissNodeScorer:
+        full_tree, item_tables = for_build.pop("tree"), for_build.pop("tables")
+        scorer = MissNodeScorer(config.model, item_tables.vocabularies, tree=full_tree,
+                                learned_node_levels=learned,
+                                item_categories=for_build.pop("categories"),
+                                mm_table=item_tables.mm_table, mm_dim=item_tables.mm_dim,
+                                name=f"miss_scorer_{config.name}")
+        run.release_codes()
+        return scorer
+
+    scorer, training = run.fit(build, keep=targets.contains, add_targets=with_nodes)
 
     top_n = min(retrieval.top_n, tree.num_items)
     index = MissTreeIndex(scorer, tree, retrieval.beam_width, top_n)

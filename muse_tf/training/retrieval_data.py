@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from muse_tf.embeddings.id_lookup import DENSE_DELETED_KEY, DENSE_EMPTY_KEY
 from muse_tf.training.strategy import shard_for_strategy
 
 __all__ = ["Catalogue", "ClickCounts", "SamplingProbabilities", "click_counts",
-           "clicked_dataset", "training_dataset"]
+           "clicked_dataset", "item_categories", "training_dataset"]
 
 #: Impressions read (and parsed) per batch before keeping the clicked ones.
 READ_BATCH = 1024
@@ -40,6 +40,8 @@ _VECTOR_CHUNK_ROWS = 65536
 _TABLE_INSERT_ROWS = 1 << 20
 #: The dense table's maximum load factor (the op's default): it is sized to stay below it.
 _TABLE_MAX_LOAD = 0.8
+#: Impressions whose (item, category) pairs :func:`item_categories` counts at a time.
+_PAIR_MERGE_ROWS = 1 << 23
 #: ``keep(item_ids int64 [N]) -> bool [N]``: which clicked items a pipeline keeps.
 KeepFn = Callable[[tf.Tensor], tf.Tensor]
 
@@ -48,10 +50,11 @@ class Catalogue:
     """The retrievable items: ids of the multimodal table (ascending) whose int8 vector is not
     all zero (a zero vector has no direction), and their L2-normalised vectors.
 
-    The int8 codes are kept by reference (``mm_vectors`` and an int64 index: no copy);
-    :attr:`vectors` computes the float32 unit vectors ``[N, D]`` on each access, chunk by
-    chunk, into one array of ``N * D * 4`` bytes (18 GB for TAOBAO-MM's 35.4M items; only
-    the MISS tree build reads them, see :meth:`muse_tf.index.tree.IndexTree.build`).
+    The int8 codes are kept by reference (:attr:`codes` and the int64 :attr:`code_rows`: no
+    copy), which is what the MISS tree build reads
+    (:meth:`muse_tf.index.tree.IndexTree.build_from_codes`); :attr:`vectors` computes the
+    float32 unit vectors ``[N, D]`` on each access, chunk by chunk, into one array of ``N * D
+    * 4`` bytes (18 GB for TAOBAO-MM's 35.4M items: for small catalogues only).
     :meth:`contains_op` holds the ids once more, in a hash table of 9 bytes per bucket (the
     next power of two above ``N / 0.8`` buckets: 604 MB for 35.4M items).
     """
@@ -73,6 +76,19 @@ class Catalogue:
     @property
     def dim(self) -> int:
         return self._dim
+
+    @property
+    def codes(self) -> np.ndarray:
+        """The int8 table ``[M, D]`` as given (by reference; item ``k``'s row is
+        ``code_rows[k]``): what :meth:`muse_tf.index.tree.IndexTree.build_from_codes` reads."""
+        if self._codes is None:
+            raise RuntimeError("Catalogue.codes: the int8 codes were released (release_codes)")
+        return self._codes
+
+    @property
+    def code_rows(self) -> np.ndarray:
+        """int64 ``[N]``: the row of :attr:`codes` of each of :attr:`item_ids`."""
+        return self._index
 
     def release_codes(self) -> None:
         """Drop this catalogue's reference to the int8 codes (4.5 GB at 35.4M items) once a
@@ -144,25 +160,73 @@ def _filled_dense_table(keys: np.ndarray, values: np.ndarray, default: Any,
     return table
 
 
-def click_counts(data_dir: str | DataDir, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Clicks per item in ``split``: ``(item_ids, counts)``, most clicked first (ties: lower
-    id first). Parses only the context features, so it is fast."""
-    spec = {name: spec for name, spec in schema.context_parse_spec().items()
-            if name in (schema.ITEM_ID.name, schema.LABEL.name)}
+def _context_batches(data_dir: str | DataDir, split: str,
+                     names: Sequence[str]) -> Iterator[tuple[np.ndarray, ...]]:
+    """The context features ``names`` of ``split``'s records, as NumPy arrays of up to
+    16,384 records (file order). Parses only the context, so it is fast."""
+    spec = {name: spec for name, spec in schema.context_parse_spec().items() if name in names}
 
-    def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, ...]:
         context, _, _ = tf.io.parse_sequence_example(serialized, context_features=spec)
-        return context[schema.ITEM_ID.name], context[schema.LABEL.name]
+        return tuple(context[name] for name in names)
 
     files = (data_dir.split_files(split) if isinstance(data_dir, DataDir)
              else split_files(data_dir, split))
     dataset = (tf.data.TFRecordDataset(files, compression_type="GZIP")
                .batch(16384).map(parse, num_parallel_calls=tf.data.AUTOTUNE))
-    clicked = [ids[labels > 0] for ids, labels in dataset.as_numpy_iterator()]
+    return dataset.as_numpy_iterator()
+
+
+def click_counts(data_dir: str | DataDir, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Clicks per item in ``split``: ``(item_ids, counts)``, most clicked first (ties: lower
+    id first). Parses only the context features, so it is fast."""
+    clicked = [ids[labels > 0] for ids, labels in _context_batches(
+        data_dir, split, (schema.ITEM_ID.name, schema.LABEL.name))]
     ids = np.concatenate(clicked) if clicked else np.zeros(0, np.int64)
     unique, counts = np.unique(ids, return_counts=True)
     order = np.lexsort((unique, -counts))
     return unique[order], counts[order]
+
+
+def item_categories(data_dir: str | DataDir,
+                    split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Each item's category in ``split``'s impressions: ``(item_ids, category_ids)``, item ids
+    ascending, the category an item carries most often (ties: the lower id; an item carries
+    one in TAOBAO-MM). Parses only the context features; the (item, category) pairs are
+    counted :data:`_PAIR_MERGE_ROWS` impressions at a time, so memory follows the distinct
+    pairs, not the impressions. MISS reads it for the ID embeddings of its leaves."""
+    merged = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    for batch in _context_batches(data_dir, split,
+                                  (schema.ITEM_ID.name, schema.ITEM_CATEGORY.name)):
+        pending.append(batch)
+        if sum(len(ids) for ids, _ in pending) >= _PAIR_MERGE_ROWS:
+            merged = _pair_counts(merged, pending)
+            pending = []
+    if pending:
+        merged = _pair_counts(merged, pending)
+    items, categories, counts = merged
+    order = np.lexsort((categories, -counts, items))      # per item: most frequent first
+    items, categories = items[order], categories[order]
+    first = np.ones(len(items), bool)
+    first[1:] = items[1:] != items[:-1]
+    return items[first], categories[first]
+
+
+def _pair_counts(merged: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 batches: list[tuple[np.ndarray, np.ndarray]]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(items, categories, counts)`` of the distinct (item, category) pairs of ``merged``
+    (pairs with counts) and ``batches`` (one impression a row), sorted by item then
+    category."""
+    items = np.concatenate([merged[0], *(ids for ids, _ in batches)])
+    categories = np.concatenate([merged[1], *(cats for _, cats in batches)])
+    counts = np.concatenate([merged[2], np.ones(len(items) - len(merged[0]), np.int64)])
+    order = np.lexsort((categories, items))
+    items, categories, counts = items[order], categories[order], counts[order]
+    starts = np.flatnonzero(np.concatenate(
+        [[True], (items[1:] != items[:-1]) | (categories[1:] != categories[:-1])]))
+    return items[starts], categories[starts], np.add.reduceat(counts, starts)
 
 
 @dataclasses.dataclass(frozen=True)

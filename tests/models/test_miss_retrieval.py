@@ -24,12 +24,15 @@ from muse_tf.export.retrieval import export_retrieval, serving_signature
 from muse_tf.index.beam_search import tree_beam_search
 from muse_tf.index.tree import IndexTree
 from muse_tf.models.miss_retrieval import (
+    AUTO_LEARNED_LEVELS,
+    MAX_LEARNED_NODES,
     NODE_IDS,
     NODE_LABELS,
     QUERY_FEATURES,
     MissNodeScorer,
     MissTreeIndex,
     TrainingNodes,
+    learned_levels,
 )
 
 SEQ_LEN = 12
@@ -55,7 +58,9 @@ def world(tiny_data_dir, tmp_path_factory):
                                       mm_item_ids=mm_ids)
     table = multimodal_codes(read_vocabulary_ids(vocabularies["item"]), mm_ids, mm_vectors)
     tree = IndexTree.build(normalise_rows(mm_vectors), mm_ids)
-    return {"vocabularies": vocabularies, "table": table, "tree": tree, "mm_ids": mm_ids}
+    categories = np.random.default_rng(8).integers(1, 30, len(mm_ids))
+    return {"vocabularies": vocabularies, "table": table, "tree": tree, "mm_ids": mm_ids,
+            "categories": (mm_ids, categories)}
 
 
 def make_queries(tree: IndexTree, batch: int, seed: int) -> dict[str, tf.Tensor]:
@@ -95,24 +100,48 @@ def as_dataset(batches: list[dict[str, tf.Tensor]]) -> tf.data.Dataset:
     return dataset
 
 
-def new_scorer(world, seed: int = 0, rates: tuple[float, float] = (0.01, 0.01)
-               ) -> MissNodeScorer:
+#: Levels 0 .. 2 of the depth-6 tree learned; 3 .. 6 computed from the items (and the node
+#: vectors below the tree's stored means, level 0: computed_levels=5).
+PARTIAL_LEVELS = 2
+
+
+def new_scorer(world, seed: int = 0, rates: tuple[float, float] = (0.01, 0.01),
+               learned_node_levels: int = AUTO_LEARNED_LEVELS, **kwargs) -> MissNodeScorer:
     tf.keras.utils.set_random_seed(seed)
-    scorer = MissNodeScorer(SMALL, world["vocabularies"], world["tree"].node_vectors,
-                            mm_table=world["table"])
+    scorer = MissNodeScorer(SMALL, world["vocabularies"], mm_table=world["table"],
+                            tree=world["tree"], learned_node_levels=learned_node_levels,
+                            item_categories=world["categories"], **kwargs)
     scorer.compile_with_learning_rates(*rates)
+    return scorer
+
+
+def trained_scorer(world, learned_node_levels: int) -> MissNodeScorer:
+    batches = make_batches(world["tree"], 6, 8)
+    scorer = new_scorer(world, learned_node_levels=learned_node_levels)
+    scorer.build_for(batches[0])
+    history = scorer.fit(as_dataset(batches), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
     return scorer
 
 
 @pytest.fixture(scope="module")
 def trained(world):
-    """A scorer trained with ``fit`` for a few steps on random users with clicked tree items."""
-    batches = make_batches(world["tree"], 6, 8)
-    scorer = new_scorer(world)
-    scorer.build_for(batches[0])
-    history = scorer.fit(as_dataset(batches), epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
+    """A scorer trained with ``fit`` for a few steps on random users with clicked tree items
+    (the automatic rule: every level of the small tree learned)."""
+    return trained_scorer(world, AUTO_LEARNED_LEVELS)
+
+
+@pytest.fixture(scope="module")
+def partial(world):
+    """As ``trained``, with learned rows for levels 0 .. PARTIAL_LEVELS only."""
+    scorer = trained_scorer(world, PARTIAL_LEVELS)
+    assert scorer.learned_node_levels == PARTIAL_LEVELS < world["tree"].depth
+    assert scorer.stored_multimodal_depth == world["tree"].stored_depth == 0
     return scorer
+
+
+#: Both trained scorers, for the tests that hold for either.
+SCORERS = pytest.mark.parametrize("scorer_fixture", ["trained", "partial"])
 
 
 # ------------------------------------------------------------------------------ targets
@@ -175,7 +204,9 @@ def test_training_nodes_reject_a_one_item_tree_and_bad_counts(small_tree):
 # ------------------------------------------------------------------------------ scorer
 
 
-def test_node_axis_equals_scoring_each_node_alone(world, trained):
+@SCORERS
+def test_node_axis_equals_scoring_each_node_alone(world, scorer_fixture, request):
+    trained = request.getfixturevalue(scorer_fixture)
     tree = world["tree"]
     queries = make_queries(tree, 3, seed=11)
     nodes = np.random.default_rng(4).integers(0, tree.num_nodes, (3, 7)).astype(np.int32)
@@ -227,9 +258,11 @@ def test_fit_history_loss_is_the_epoch_mean_of_the_batch_losses(world):
     assert 0.0 <= history.history["auc"][0] <= 1.0
 
 
-def test_fit_lowers_the_loss_and_trains_every_part(world):
+@pytest.mark.parametrize("learned_node_levels", [AUTO_LEARNED_LEVELS, PARTIAL_LEVELS])
+def test_fit_lowers_the_loss_and_trains_every_part(world, learned_node_levels):
     batches = make_batches(world["tree"], 1, 6, seed=2)
-    scorer = new_scorer(world, seed=1, rates=(0.02, 0.02))
+    scorer = new_scorer(world, seed=1, rates=(0.02, 0.02),
+                        learned_node_levels=learned_node_levels)
     scorer.build_for(batches[0])
     before = {v.name: v.numpy().copy() for v in scorer.trainable_variables}
     first = float(scorer.compute_loss(batches[0]))
@@ -246,10 +279,15 @@ def test_fit_lowers_the_loss_and_trains_every_part(world):
     codes = world["table"].rows(0, world["table"].num_rows)
     assert scorer.features.mm_table.storage_dtype == "int8"
     np.testing.assert_array_equal(scorer.features.mm_table.stored_values(), codes)
-    np.testing.assert_allclose(scorer.node_mm.numpy(), normalise_rows(world["tree"].node_vectors))
+    stored = scorer.node_mm.shape[0]
+    np.testing.assert_allclose(scorer.node_mm.numpy(),
+                               normalise_rows(world["tree"].node_vectors)[:stored])
 
 
-def test_config_round_trip_rebuilds_the_scorer_from_its_weights(world, trained, tmp_path):
+@SCORERS
+def test_config_round_trip_rebuilds_the_scorer_from_its_weights(world, scorer_fixture, request,
+                                                                 tmp_path):
+    trained = request.getfixturevalue(scorer_fixture)
     config = trained.get_config()
     json.dumps(config)
     clone = MissNodeScorer.from_config(config)
@@ -284,10 +322,177 @@ def test_scorer_input_errors_name_the_problem(world, trained):
         MissNodeScorer(ModelConfig(top_k=1), world["vocabularies"], tree.node_vectors)
     with pytest.raises(ValueError, match="node_vectors must be"):
         MissNodeScorer(SMALL, world["vocabularies"], np.zeros((3, 5)))
-    with pytest.raises(ValueError, match="node_vectors or a positive num_nodes"):
+    with pytest.raises(ValueError, match="node_vectors, a tree or a positive num_nodes"):
         MissNodeScorer(SMALL, world["vocabularies"])
     with pytest.raises(ValueError, match="vocabularies missing"):
         MissNodeScorer(SMALL, {}, tree.node_vectors)
+    with pytest.raises(ValueError, match="node_vectors or tree, not both"):
+        MissNodeScorer(SMALL, world["vocabularies"], tree.node_vectors, tree=tree)
+    with pytest.raises(ValueError, match=r"num_nodes=100 is not 2\*\*\(depth \+ 1\) - 1"):
+        MissNodeScorer(SMALL, world["vocabularies"], num_nodes=100)
+    with pytest.raises(ValueError, match=r"node_vectors fill every level.*need the tree"):
+        MissNodeScorer(SMALL, world["vocabularies"], tree.node_vectors,
+                       stored_multimodal_depth=2)
+    for source in ({"node_vectors": tree.node_vectors}, {"num_nodes": tree.num_nodes}):
+        with pytest.raises(ValueError, match="learned_node_levels < depth needs the tree"):
+            MissNodeScorer(SMALL, world["vocabularies"], learned_node_levels=2, **source)
+    with pytest.raises(ValueError, match=r"stored_multimodal_depth must be an int in \[-1, "
+                                         r"depth=6\], got 7"):
+        MissNodeScorer(SMALL, world["vocabularies"], tree=tree, stored_multimodal_depth=7)
+    with pytest.raises(ValueError, match="learned_node_levels must be an int >= 0, or -1"):
+        MissNodeScorer(SMALL, world["vocabularies"], tree=tree, learned_node_levels=-2)
+    with pytest.raises(ValueError, match=r"item_categories must be two \[N\] arrays"):
+        MissNodeScorer(SMALL, world["vocabularies"], tree=tree, learned_node_levels=1,
+                       item_categories=(np.arange(3), np.arange(2)))
+
+
+# ------------------------------------------------------------------------------ node tables
+
+
+@pytest.mark.parametrize(("depth", "requested", "expected"), [
+    (6, AUTO_LEARNED_LEVELS, 6), (21, AUTO_LEARNED_LEVELS, 21), (22, AUTO_LEARNED_LEVELS, 21),
+    (26, AUTO_LEARNED_LEVELS, 21), (26, 0, 0), (26, 23, 23), (6, 9, 6)])
+def test_learned_levels_follow_the_auto_rule_or_the_request(depth, requested, expected):
+    learned = learned_levels(depth, requested)
+    assert learned == expected
+    if requested == AUTO_LEARNED_LEVELS:
+        # Every level while the tree fits, else the deepest level that keeps the bound.
+        assert (2 << learned) - 1 <= MAX_LEARNED_NODES
+        assert learned == depth or (4 << learned) - 1 > MAX_LEARNED_NODES
+    for bad in (-2, True, 1.5):
+        with pytest.raises(ValueError, match="learned_node_levels must be an int >= 0"):
+            learned_levels(depth, bad)
+
+
+def test_auto_rule_keeps_a_small_tree_fully_tabulated(world):
+    # The scorer from the tree is the scorer from its dense node vectors: the same weights
+    # (names, shapes, initial values), no leaf tables, the same logits.
+    tree = world["tree"]
+    batch = make_batches(tree, 1, 4, seed=6)[0]
+    tf.keras.utils.set_random_seed(3)
+    dense = MissNodeScorer(SMALL, world["vocabularies"], tree.node_vectors,
+                           mm_table=world["table"])
+    dense_logits = dense(batch).numpy()  # builds the remaining weights from the same seed
+    tf.keras.utils.set_random_seed(3)
+    auto = MissNodeScorer(SMALL, world["vocabularies"], mm_table=world["table"], tree=tree,
+                          item_categories=world["categories"])
+    np.testing.assert_array_equal(auto(batch).numpy(), dense_logits)
+    assert auto.learned_node_levels == auto.stored_multimodal_depth == tree.depth
+    assert not auto.needs_leaves and auto.leaf_rows is None and auto.item_category_rows is None
+    def layout(scorer: MissNodeScorer) -> list[tuple[str, tf.TensorShape]]:
+        return [(w.name.removeprefix(f"{scorer.name}/"), w.shape) for w in scorer.weights]
+
+    assert layout(auto) == layout(dense)
+    assert auto.node_embedding.input_dim == auto.node_mm.shape[0] == tree.num_nodes
+    np.testing.assert_array_equal(auto.node_mm.numpy(), dense.node_mm.numpy())
+    assert auto.get_config() == {**dense.get_config(), "name": auto.name}
+
+
+def reference_node_tables(scorer: MissNodeScorer, tree: IndexTree, categories
+                          ) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """NumPy ``(e_n [num_nodes, 2E], v_n [num_nodes, D])`` of every node, and the item ID
+    embedding rows under each node: learned rows at levels <= S, else the mean of the items'
+    item ⊕ category ID embeddings; stored vectors at levels <= K, else
+    normalise(tree.vectors_of)."""
+    features = scorer.features
+    item_table = features.embeddings["item"].embeddings.numpy()
+    category_table = features.embeddings["category"].embeddings.numpy()
+    lookup = features.item_lookup
+    item_ids, category_ids = categories
+    item_rows = dict(zip(item_ids.tolist(),
+                         lookup.lookup_all(tf.constant(item_ids)).numpy().tolist(), strict=True))
+    category_rows = dict(zip(item_ids.tolist(), features.lookup(
+        "category", tf.constant(category_ids)).numpy().tolist(), strict=True))
+    learned = scorer.node_embedding.embeddings.numpy()
+    stored = scorer.node_mm.numpy()
+    embeddings, rows_under = [], []
+    for node in range(tree.num_nodes):
+        level = int(tree.level_of(np.array([node]))[0])
+        span = 1 << (tree.depth - level)
+        first = (node + 1) * span - (1 << tree.depth)
+        items = [int(tree.leaf_item_ids[s]) for s in range(first, first + span)
+                 if tree.leaf_valid[s]]
+        rows_under.append([int(lookup.embedded_rows(item_rows[i])) for i in items])
+        if level <= scorer.learned_node_levels:
+            embeddings.append(learned[node])
+        elif not items:
+            embeddings.append(np.zeros(learned.shape[1], np.float32))
+        else:
+            embeddings.append(np.mean([np.concatenate([
+                item_table[row], category_table[category_rows[i]]])
+                for row, i in zip(rows_under[-1], items, strict=True)], axis=0))
+    vectors = normalise_rows(tree.vectors_of(np.arange(tree.num_nodes)))
+    vectors[:stored.shape[0]] = stored
+    return np.stack(embeddings), vectors, rows_under
+
+
+@pytest.mark.parametrize(("learned_node_levels", "stored_multimodal_depth"),
+                         [(0, -1), (PARTIAL_LEVELS, None), (5, 2), (6, 3)])
+def test_node_tables_equal_a_numpy_reference_at_every_level(world, learned_node_levels,
+                                                            stored_multimodal_depth):
+    tree = world["tree"]
+    scorer = new_scorer(world, learned_node_levels=learned_node_levels,
+                        stored_multimodal_depth=stored_multimodal_depth)
+    depth = tree.depth
+    expected_stored = 0 if stored_multimodal_depth is None else stored_multimodal_depth
+    assert scorer.stored_multimodal_depth == expected_stored
+    assert scorer.node_embedding.input_dim == (2 << learned_node_levels) - 1
+    assert scorer.node_mm.shape[0] == (1 << (expected_stored + 1)) - 1
+    assert scorer.leaf_rows.shape == (1 << depth,)
+    assert (scorer.item_category_rows is None) == (learned_node_levels == depth)
+    np.testing.assert_allclose(scorer.node_mm.numpy(),
+                               normalise_rows(tree.vectors_of(np.arange(scorer.node_mm.shape[0]))))
+    nodes = np.random.default_rng(2).permutation(tree.num_nodes).astype(np.int32)
+    with tf.GradientTape() as tape:
+        embeddings, vectors = scorer.node_features(nodes.reshape(1, -1))
+        total = tf.reduce_sum(embeddings)
+    expected_embeddings, expected_vectors, rows_under = reference_node_tables(
+        scorer, tree, world["categories"])
+    assert embeddings.shape == (1, tree.num_nodes, 2 * SMALL.id_embedding_dim)
+    np.testing.assert_allclose(embeddings.numpy()[0], expected_embeddings[nodes], rtol=1e-6,
+                               atol=1e-7)
+    # The direction of IndexTree.vectors_of at every level (float rounding only).
+    np.testing.assert_allclose(vectors.numpy()[0], expected_vectors[nodes], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(vectors.numpy()[0][tree.node_valid[nodes]],
+                                              axis=1), 1.0, atol=1e-6)
+    # Gradients reach the item embeddings through the computed nodes: d sum(e_n) / d E[r] =
+    # sum over the computed nodes above item row r of 1 / (items under the node).
+    item_table = scorer.features.embeddings["item"].embeddings
+    gradient = tape.gradient(total, item_table)
+    gradient = (np.zeros(item_table.shape) if gradient is None
+                else tf.convert_to_tensor(gradient).numpy())
+    expected = np.zeros(item_table.shape[0])
+    levels = tree.level_of(np.arange(tree.num_nodes))
+    for node, rows in enumerate(rows_under):
+        if levels[node] > learned_node_levels:
+            for row in rows:
+                expected[row] += 1.0 / len(rows)
+    np.testing.assert_allclose(gradient, np.repeat(expected[:, None], gradient.shape[1], 1),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_graphs_hold_the_per_item_arrays_as_variables_and_tables(world, partial):
+    # A captured constant would be serialised into the tf.data / SavedModel graph (2 GB
+    # proto limit at 35.4M items); variables and tables are captured as resource handles.
+    tree = world["tree"]
+    targets = TrainingNodes(tree, 2)
+    index = MissTreeIndex(partial, tree, beam_width=3, top_n=4)
+    queries = make_queries(tree, 2, seed=3)
+    functions = [
+        tf.function(lambda ids: targets(ids, tf.constant([0, 0], tf.int64))
+                    ).get_concrete_function(tf.TensorSpec([None], tf.int64)),
+        tf.function(lambda q: index(q)[1]).get_concrete_function(serving_signature(SEQ_LEN)),
+        tf.function(lambda b: partial(b)).get_concrete_function(
+            {**{k: tf.TensorSpec(v.shape, v.dtype) for k, v in queries.items()},
+             NODE_IDS: tf.TensorSpec([None, None], tf.int32)}),
+    ]
+    for function in functions:
+        arrays = [t for t in function.captured_inputs
+                  if t.dtype != tf.resource and t.shape.num_elements() >= tree.num_items]
+        assert not arrays, [t.shape for t in arrays]
+        constants = [op for op in function.graph.get_operations() if op.type == "Const"
+                     and op.outputs[0].shape.num_elements() >= tree.num_items]
+        assert not constants, [op.name for op in constants]
 
 
 # ------------------------------------------------------------------------------ beam search
@@ -301,7 +506,9 @@ def exhaustive_top(scorer: MissNodeScorer, tree: IndexTree, queries, top_n: int)
     return tree.items_of_leaves(leaves[order]), np.take_along_axis(logits, order, axis=1)
 
 
-def test_beam_covering_a_level_equals_exhaustive_scoring(world, trained):
+@SCORERS
+def test_beam_covering_a_level_equals_exhaustive_scoring(world, scorer_fixture, request):
+    trained = request.getfixturevalue(scorer_fixture)
     tree = world["tree"]
     queries = make_queries(tree, 5, seed=21)
     expected_ids, expected_scores = exhaustive_top(trained, tree, queries, 10)
@@ -337,7 +544,9 @@ def test_pruned_beam_keeps_the_best_children_level_by_level(world, trained):
         index(queries, k=5)
 
 
-def test_search_keys_give_the_streaming_scores(world, trained):
+@SCORERS
+def test_search_keys_give_the_streaming_scores(world, scorer_fixture, request):
+    trained = request.getfixturevalue(scorer_fixture)
     tree = world["tree"]
     queries = make_queries(tree, 4, seed=12)
     nodes = np.random.default_rng(5).integers(0, tree.num_nodes, (4, 9)).astype(np.int32)
@@ -350,7 +559,9 @@ def test_search_keys_give_the_streaming_scores(world, trained):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_beam_search_equals_the_streaming_path(world, trained):
+@SCORERS
+def test_beam_search_equals_the_streaming_path(world, scorer_fixture, request):
+    trained = request.getfixturevalue(scorer_fixture)
     # The search (GSU keys made once per user) against the path that streams the
     # multimodal table at every level: the same nodes at every level, the same items.
     tree = world["tree"]
@@ -377,8 +588,10 @@ def test_index_rejects_a_scorer_of_another_tree(world, trained):
 
 
 @pytest.mark.slow
+@SCORERS
 def test_export_reloads_without_muse_tf_or_scann_and_returns_the_same_items(
-        world, trained, tmp_path):
+        world, scorer_fixture, request, tmp_path):
+    trained = request.getfixturevalue(scorer_fixture)
     tree = world["tree"]
     index = MissTreeIndex(trained, tree, beam_width=4, top_n=6)
     version_dir = export_retrieval(index, str(tmp_path / "miss_retrieval"), k=6,

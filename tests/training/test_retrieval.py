@@ -23,10 +23,13 @@ from muse_tf.export.retrieval import (
     SCANN_MODEL_NAME,
 )
 from muse_tf.index.tree import IndexTree
-from muse_tf.models.miss_retrieval import NODE_IDS, NODE_LABELS, TrainingNodes
+from muse_tf.models.miss_retrieval import NODE_IDS, NODE_LABELS, QUERY_FEATURES, TrainingNodes
 from muse_tf.training import evaluation, retrieval_data
 from muse_tf.training import retrieval as retrieval_train
 from muse_tf.training.comparison import format_table
+
+from .clustered_data import write_clustered_data_dir
+from .test_retrieval_learning import SETTINGS as LEARNING_SETTINGS
 
 TINY = ["data.batch_size=8", "model.top_k=4", "model.id_embedding_dim=4",
         "model.tower_units=[16]", "model.short_term_len=4", "train.epochs=2", "train.verbose=0"]
@@ -65,6 +68,25 @@ def test_click_counts_match_the_records(tiny_data):
     assert np.all(np.diff(counts) <= 0)
 
 
+def test_item_categories_are_each_items_most_frequent_category(tiny_data):
+    items, categories = retrieval_data.item_categories(tiny_data.path, "train")
+    seen: dict[int, Counter] = {}
+    for context, _ in tiny_data.records["train"]:
+        seen.setdefault(context["item_id"], Counter())[context["item_category"]] += 1
+    expected = {item: min(c, key=lambda cat: (-c[cat], cat)) for item, c in seen.items()}
+    assert dict(zip(items.tolist(), categories.tolist(), strict=True)) == expected
+    assert np.all(np.diff(items) > 0)
+
+
+def test_item_categories_count_across_merges(tiny_data, monkeypatch):
+    # Merging the pair counts every 16,384-record batch gives the same answer as one merge.
+    whole = retrieval_data.item_categories(tiny_data.path, "test")
+    monkeypatch.setattr(retrieval_data, "_PAIR_MERGE_ROWS", 1)
+    merged = retrieval_data.item_categories(tiny_data.path, "test")
+    for a, b in zip(whole, merged, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_catalogue_drops_rows_without_a_direction():
     vectors = np.array([[3, 4], [0, 0], [1, 0], [0, 2]], np.int8)
     catalogue = retrieval_train.Catalogue(np.array([30, 10, 0, 20]), vectors)
@@ -77,6 +99,24 @@ def test_catalogue_drops_rows_without_a_direction():
     np.testing.assert_array_equal(catalogue.contains(np.array([20, 10])), [1, 0])
     with pytest.raises(RuntimeError, match="released"):
         catalogue.vectors  # noqa: B018
+    with pytest.raises(RuntimeError, match="released"):
+        catalogue.codes  # noqa: B018
+
+
+def test_catalogue_codes_build_the_tree_of_its_unit_vectors(tiny_data):
+    # The codes by reference (rows in id order) give the tree of the float unit vectors: the
+    # same leaves; node vectors equal up to float32 rounding (c * (1 / ||c||) there, c / ||c||
+    # in Catalogue.vectors).
+    catalogue = retrieval_train.Catalogue(tiny_data.embedding_ids, tiny_data.embedding_vectors)
+    assert catalogue.codes is tiny_data.embedding_vectors
+    np.testing.assert_array_equal(tiny_data.embedding_ids[catalogue.code_rows],
+                                  catalogue.item_ids)
+    from_codes = IndexTree.build_from_codes(catalogue.codes, catalogue.item_ids,
+                                            code_rows=catalogue.code_rows, seed=3)
+    from_floats = IndexTree.build(catalogue.vectors, catalogue.item_ids, seed=3)
+    np.testing.assert_array_equal(from_codes.leaf_item_ids, from_floats.leaf_item_ids)
+    np.testing.assert_allclose(from_codes.node_vectors, from_floats.node_vectors, rtol=0,
+                               atol=1e-7)
 
 
 def test_click_counts_against_the_catalogue_are_exact(tiny_data):
@@ -261,6 +301,35 @@ def test_miss_retrieval_with_a_pruned_beam_reports_every_level(tiny_data, tmp_pa
     assert all(0.0 <= r <= 1.0 for r in recalls)
     assert np.all(np.diff(recalls) <= 1e-12)  # an ancestor lost is never found again
     assert "export_dirs" not in result
+
+
+@pytest.mark.slow
+def test_miss_with_computed_lower_levels_learns_and_exports(tmp_path):
+    # Learned rows for levels 0 .. 4 of the depth-9 tree only: the lower levels' nodes are
+    # their items' ID embeddings (categories from the train impressions), their vectors
+    # computed below the tree's stored means (levels 0 .. 3). It learns as the fully
+    # tabulated scorer does (test_retrieval_learning: recall@50 1.0 there).
+    data_dir = str(tmp_path / "clustered")
+    world = write_clustered_data_dir(data_dir, seed=0)
+    config = config_lib.resolve("miss_retrieval", assignments=[
+        *LEARNING_SETTINGS, "train.epochs=2", "train.export=true",
+        "retrieval.learned_node_levels=4"])
+    model_dir = str(tmp_path / "miss")
+    result = retrieval_train.run_retrieval(config, model_dir, data_dir)
+    test = result["test"]
+    assert result["index"]["depth"] == 9 and test["k"] == 50
+    popularity = test["popularity"]["recall@50"]
+    assert popularity < 0.2 and test["recall@50"] > popularity + 0.5
+    assert 0 < result["train_loss"][1] < result["train_loss"][0] < 1.0
+    with open(os.path.join(model_dir, "config.yaml")) as f:
+        assert "learned_node_levels: 4" in f.read()
+    # The export serves 50 catalogue items per test query.
+    loaded = tf.saved_model.load(result["export_dirs"][MISS_MODEL_NAME])
+    batch = next(iter(retrieval_data.clicked_dataset(data_dir, "test", 4,
+                                                     world["metadata"]["max_seq_len"])))
+    out = loaded.signatures["serving_default"](**{k: batch[k] for k in QUERY_FEATURES})
+    ids = out["item_ids"].numpy()
+    assert ids.shape == (4, 50) and np.all(np.isin(ids, world["embedded"]))
 
 
 @pytest.mark.slow
