@@ -621,10 +621,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=20_000, help="`scale`: users")
     parser.add_argument("--raw", help="`scale`: TAOBAO-MM tables already generated (skip "
                                       "the generate stage by leaving it out of --stages)")
-    parser.add_argument("--stages", default="generate,beam,train,serve,tree",
+    parser.add_argument("--stages", default="generate,beam,train,serve,tree,miss,two_tower",
                         help="`scale`: stages to run, in order")
     parser.add_argument("--train-steps", type=int, default=50,
-                        help="`scale`: training steps of the train stage")
+                        help="`scale`: training steps of each training stage")
+    parser.add_argument("--eval-steps", type=int, default=5,
+                        help="`scale`: query batches the retrieval stages evaluate")
     parser.add_argument("--json", help="also write all figures to this JSON file")
     args = parser.parse_args(argv)
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="muse_tf_bench_")
@@ -666,7 +668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["scale"] = bench_scale(args.items, args.users, args.samples, args.seq_len,
                                        work_dir, raw_dir=args.raw,
                                        stages=[s for s in args.stages.split(",") if s],
-                                       train_steps=args.train_steps)
+                                       train_steps=args.train_steps,
+                                       eval_steps=args.eval_steps)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=float)

@@ -4,7 +4,8 @@ Every stage runs as its own process (so each has its own peak memory, and a stag
 killed for memory says which), one after the other, on data it streams to disk::
 
     python -m muse_tf.bench scale --items 35400000 --users 20000 --samples 100000 \\
-        [--seq-len 1000] [--work-dir DIR] [--raw DIR] [--stages generate,beam,train,serve,tree]
+        [--seq-len 1000] [--work-dir DIR] [--raw DIR] \\
+        [--stages generate,beam,train,serve,tree,miss,two_tower]
 
 Stages and what bounds them on a 2-core, 24 GB machine (the issue's limits):
 
@@ -17,7 +18,14 @@ Stages and what bounds them on a 2-core, 24 GB machine (the issue's limits):
 * ``serve``: the local TF Serving API server loads the export and replays its warm-up
   (load seconds and RSS), then the first answer and the median of 20 answers (C = 100
   candidates, L = ``--seq-len``);
-* ``tree``: the MISS index tree over the catalogue's int8 codes (<= 30 min, <= 12 GB).
+* ``tree``: the MISS index tree over the catalogue's int8 codes (<= 30 min, <= 12 GB);
+* ``miss``: ``python -m muse_tf.train --experiment miss_retrieval`` over the whole catalogue
+  (its tree build, model build, training steps, beam-search evaluation of at most
+  ``--eval-steps`` query batches and export, each with its own row), then the local server
+  loads the MISS export and answers one query (load, first and median answer);
+* ``two_tower``: the same for ``--experiment two_tower`` (candidate embeddings of the whole
+  catalogue, brute force, the ScaNN build, their evaluations, both exports); the server
+  answers from the ScaNN export.
 
 Peak memory of a stage is the summed RSS of its process tree, sampled every 0.5 s.
 """
@@ -35,11 +43,15 @@ from typing import Any
 from muse_tf.bench_common import print_table
 from muse_tf.profiling import TreeRssSampler
 
-STAGES = ("generate", "beam", "train", "serve", "tree")
+STAGES = ("generate", "beam", "train", "serve", "tree", "miss", "two_tower")
 #: (wall seconds, peak GB) the issue sets per stage; None where it sets none.
 LIMITS: dict[str, tuple[float | None, float | None]] = {
     "generate": (None, None), "beam": (1800.0, 16.0), "train": (None, 24.0),
-    "serve": (None, 24.0), "tree": (1800.0, 12.0)}
+    "serve": (None, 24.0), "tree": (1800.0, 12.0), "miss": (None, 24.0),
+    "two_tower": (None, 24.0)}
+#: stage -> (experiment, the export the server answers from).
+RETRIEVAL_STAGES = {"miss": ("miss_retrieval", "miss_retrieval"),
+                    "two_tower": ("two_tower", "two_tower_scann")}
 _GB = 1e9
 
 
@@ -72,24 +84,35 @@ def _limits(row: dict[str, Any], stage: str) -> dict[str, Any]:
     return {**row, "limit_s": seconds, "limit_GB": gigabytes, "within_limits": ok}
 
 
-def _serve(export_base: str, data_dir: str, seq_len: int, log_path: str) -> list[dict[str, Any]]:
-    """Starts the local server on the export; load time, RSS, first and median answer."""
-    import socket
-
+def _request(model_name: str, data_dir: str, seq_len: int) -> dict[str, Any]:
+    """One request to ``model_name`` from the data's first test examples: a ranking request
+    of C = 100 candidates, or one retrieval query."""
     from muse_tf.bench_common import ranking_request
     from muse_tf.data.data_dir import DataDir
     from muse_tf.export import ranking as export
+    from muse_tf.export import requests
     from muse_tf.export.names import RANKING_MODEL_NAME
+
+    examples = export.warmup_batch(DataDir.open(data_dir), seq_len)
+    if model_name == RANKING_MODEL_NAME:
+        return ranking_request(examples, seq_len, 100)
+    return requests.retrieval_queries_from_examples(examples, max_seq_len=seq_len,
+                                                    num_requests=1)[0]
+
+
+def _serve(model_name: str, export_base: str, inputs: dict[str, Any], log_path: str,
+           prefix: str = "") -> list[dict[str, Any]]:
+    """Starts the local server on the export; load time, RSS, first and median answer."""
+    import socket
+
     from serving import client as client_lib
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "serving.server", "--model_name", RANKING_MODEL_NAME,
+    command = [sys.executable, "-m", "serving.server", "--model_name", model_name,
                "--model_base_path", export_base, "--port", str(port), "--host", "127.0.0.1"]
     print(f"[scale] serve: {' '.join(command)}", flush=True)
-    examples = export.warmup_batch(DataDir.open(data_dir), seq_len)
-    inputs = ranking_request(examples, seq_len, 100)
     start = time.perf_counter()
     log = open(log_path, "w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -104,22 +127,22 @@ def _serve(export_base: str, data_dir: str, seq_len: int, log_path: str) -> list
                                        f"{log_path}")
                 try:
                     begin = time.perf_counter()
-                    client.predict(RANKING_MODEL_NAME, inputs)
+                    client.predict(model_name, inputs)
                     first = time.perf_counter() - begin
                 except Exception:  # not up yet (connection refused / model not loaded)
                     time.sleep(0.5)
             loaded = time.perf_counter() - start - first
-            rows.append({"stage": "server load + warm-up", "seconds": loaded,
+            rows.append({"stage": f"{prefix}server load + warm-up", "seconds": loaded,
                          "peak_rss_GB": sampler.peak_bytes / _GB, "returncode": 0})
-            rows.append({"stage": "first answer", "seconds": first,
+            rows.append({"stage": f"{prefix}first answer", "seconds": first,
                          "peak_rss_GB": sampler.peak_bytes / _GB, "returncode": 0})
             latencies = []
             for _ in range(20):
                 begin = time.perf_counter()
-                client.predict(RANKING_MODEL_NAME, inputs)
+                client.predict(model_name, inputs)
                 latencies.append(time.perf_counter() - begin)
             latencies.sort()
-            rows.append({"stage": "answer (median of 20)", "seconds": latencies[10],
+            rows.append({"stage": f"{prefix}answer (median of 20)", "seconds": latencies[10],
                          "peak_rss_GB": sampler.stop() / _GB, "returncode": 0})
     finally:
         sampler.stop()
@@ -134,7 +157,8 @@ def _serve(export_base: str, data_dir: str, seq_len: int, log_path: str) -> list
 
 def bench_scale(items: int, users: int, samples: int, seq_len: int, work_dir: str,
                 raw_dir: str | None = None, stages: Sequence[str] = STAGES,
-                train_steps: int = 50, experiment: str = "muse") -> list[dict[str, Any]]:
+                train_steps: int = 50, experiment: str = "muse",
+                eval_steps: int = 5) -> list[dict[str, Any]]:
     """Runs the ``stages`` in order; returns one row per stage (and per training part)."""
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
@@ -171,32 +195,54 @@ def bench_scale(items: int, users: int, samples: int, seq_len: int, work_dir: st
                          os.path.join(logs, "beam.log")), "beam")
         if not ok:
             return rows
-    if "train" in stages:
-        row = _run("train", [python, "-m", "muse_tf.train", "--experiment", experiment,
-                             "--data", data, "--model-dir", model_dir,
-                             f"--set=train.max_train_steps={train_steps}",
-                             "--set=train.verbose=2"],
-                   os.path.join(logs, "train.log"))
-        ok = record(row, "train")
-        metrics_path = os.path.join(model_dir, "metrics.json")
+    def train(stage: str, run_experiment: str, run_dir: str, *extra: str) -> bool:
+        """``muse_tf.train`` as stage ``stage``, then one row per part of its metrics.json."""
+        row = _run(stage, [python, "-m", "muse_tf.train", "--experiment", run_experiment,
+                           "--data", data, "--model-dir", run_dir,
+                           f"--set=train.max_train_steps={train_steps}",
+                           "--set=train.verbose=2", *extra],
+                   os.path.join(logs, f"{stage}.log"))
+        ok = record(row, stage)
+        metrics_path = os.path.join(run_dir, "metrics.json")
         if ok and os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 metrics = json.load(f)
             for part, values in metrics.get("stages", {}).items():
-                rows.append({"stage": f"  train: {part}", "seconds": values["seconds"],
+                rows.append({"stage": f"  {stage}: {part}", "seconds": values["seconds"],
                              "peak_rss_GB": values["peak_rss_bytes"] / _GB,
                              "returncode": 0})
-        if not ok:
+            test = metrics.get("test", {})
+            if "recall@100" in test:
+                print(f"[scale] {stage}: recall@100 {test['recall@100']:.4f} over "
+                      f"{test['queries']} queries, {test['queries_per_sec']:.2f} queries/s",
+                      flush=True)
+        return ok
+
+    if "train" in stages:
+        if not train("train", experiment, model_dir):
             return rows
     if "serve" in stages:
-        from muse_tf.export.names import ranking_base_path
+        from muse_tf.export.names import RANKING_MODEL_NAME, ranking_base_path
 
-        for row in _serve(ranking_base_path(model_dir), data, seq_len,
+        for row in _serve(RANKING_MODEL_NAME, ranking_base_path(model_dir),
+                          _request(RANKING_MODEL_NAME, data, seq_len),
                           os.path.join(logs, "serve.log")):
             record(row, "serve")
     if "tree" in stages:
         record(_run("tree", [python, "-m", "muse_tf.index.tree_bench", "--data", data],
                     os.path.join(logs, "tree.log")), "tree")
+    for stage, (run_experiment, served) in RETRIEVAL_STAGES.items():
+        if stage not in stages:
+            continue
+        from muse_tf.export.names import retrieval_base_path
+
+        run_dir = os.path.join(work_dir, stage)
+        if train(stage, run_experiment, run_dir, "--set=train.epochs=1",
+                 f"--set=train.max_eval_steps={eval_steps}"):
+            for row in _serve(served, retrieval_base_path(run_dir, served),
+                              _request(served, data, seq_len),
+                              os.path.join(logs, f"{stage}_serve.log"), prefix=f"{stage}: "):
+                record(row, stage)
     print_table(f"scale: {items:,} items, {users:,} users, {samples:,} samples, L = {seq_len} "
            f"(each stage its own process; peak = summed RSS of its process tree)",
            [{k: v for k, v in r.items() if k not in ("log", "log_tail")} for r in rows])

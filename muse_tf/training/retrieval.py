@@ -76,6 +76,7 @@ from muse_tf.models.miss_retrieval import (
     learned_levels,
 )
 from muse_tf.models.two_tower import CANDIDATE_PROBABILITY, TwoTowerModel
+from muse_tf.profiling import StageTimer
 from muse_tf.training import runs
 from muse_tf.training.evaluation import (
     RECALL_CUTOFFS,
@@ -123,14 +124,18 @@ class _Run:
                              f"task={config.task!r} (experiment {config.name!r})")
         self.config = config
         self.model_dir = model_dir
-        self.data = runs.prepare_run(config, model_dir, data_dir)
+        #: Wall seconds and peak RSS of each part of the run (``metrics.json`` ``stages``).
+        self.stages = StageTimer()
+        with self.stages("prepare"):
+            self.data = runs.prepare_run(config, model_dir, data_dir)
         # Before the first TensorFlow op: multi_worker configures the collectives at start-up.
         self.strategy = make_strategy(config.train.strategy)
         self.chief = is_chief(self.strategy)
         self.role = worker_role(self.strategy)
         #: The model directory on the chief, a scratch directory on the other workers.
         self.out_dir = make_work_dir(model_dir, self.strategy)
-        self.tables: ItemTables = build_item_tables(config, self.data, self.out_dir)
+        with self.stages("item tables"):
+            self.tables: ItemTables = build_item_tables(config, self.data, self.out_dir)
         self.catalogue = Catalogue(self.tables.mm_ids, self.tables.mm_vectors)
         if len(self.catalogue) < 2:
             raise ValueError(f"{self.data.path}: the multimodal table holds "
@@ -167,7 +172,8 @@ class _Run:
         point = None if resume is None else resume.point
         dataset = training_dataset(config, self.data, self.seq_len, keep, add_targets,
                                    skip_batches=0 if point is None else point.steps_done)
-        model = runs.compiled_model(config, self.strategy, build, dataset)
+        with self.stages("model build"):
+            model = runs.compiled_model(config, self.strategy, build, dataset)
         throughput, callbacks = runs.fit_callbacks(self.out_dir, config.data.batch_size,
                                                    resume=resume)
         if resume is not None and config.train.verbose:
@@ -175,7 +181,7 @@ class _Run:
         start = time.perf_counter()
         losses: list[float] = []
         if config.train.epochs > 0:  # 0: evaluate the untrained model (fit rejects 0)
-            with reader.naming_unreadable_shards(self.data, "train"):
+            with self.stages("train"), reader.naming_unreadable_shards(self.data, "train"):
                 history = model.fit(dataset, epochs=config.train.epochs,
                                     steps_per_epoch=self.steps, callbacks=callbacks,
                                     verbose=config.train.verbose)
@@ -235,6 +241,15 @@ class _Run:
             **({"worker": self.role.as_dict()} if self.role is not None else {}),
         }
 
+    def export(self, model_name: str, index: Any, *, k: int, scann: bool = False,
+               warmup_features: dict[str, np.ndarray] | None = None) -> str:
+        """Exports ``index`` as ``model_name`` (timed as the stage ``export MODEL``)."""
+        with self.stages(f"export {model_name}"):
+            return retrieval_export.export_retrieval(
+                index, self.export_dir(model_name), k=k, max_seq_len=self.seq_len,
+                scann=scann, warmup_features=warmup_features,
+                max_batch_size=self.config.train.export_max_batch_size)
+
     def export_dir(self, model_name: str) -> str:
         """Where this worker exports ``model_name`` (every worker exports: saving is
         collective under multi_worker; the chief into the model directory, the others into
@@ -247,6 +262,7 @@ class _Run:
         if self.chief:
             if export_dirs is not None:
                 result["export_dirs"] = export_dirs
+            result["stages"] = self.stages.as_dict()
             runs.write_metrics(self.model_dir, result)
         finish_workers(self.strategy, self.model_dir)
         return result
@@ -277,9 +293,10 @@ def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
     run = _Run(config, model_dir, data_dir)
     retrieval, catalogue, tables = config.retrieval, run.catalogue, run.tables
     start = time.perf_counter()
-    # From the int8 codes by reference: no float32 copy of the catalogue (18 GB at 35.4M).
-    tree = IndexTree.build_from_codes(catalogue.codes, catalogue.item_ids,
-                                      code_rows=catalogue.code_rows, seed=config.data.seed)
+    with run.stages("tree build"):
+        # From the int8 codes by reference: no float32 copy of the catalogue (18 GB at 35.4M).
+        tree = IndexTree.build_from_codes(catalogue.codes, catalogue.item_ids,
+                                          code_rows=catalogue.code_rows, seed=config.data.seed)
     tree_seconds = time.perf_counter() - start
     if run.chief:
         tree.save(os.path.join(model_dir, TREE_FILE))
@@ -335,8 +352,10 @@ def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
 
     batch_size = miss_eval_batch_size(config.data.eval_batch_size, retrieval.beam_width,
                                       tree.depth, run.seq_len)
-    evaluation = evaluate_retrieval(search, run.test_batches(batch_size),
-                                    on_result=record_levels, max_steps=config.train.max_eval_steps)
+    with run.stages("test evaluation"):
+        evaluation = evaluate_retrieval(search, run.test_batches(batch_size),
+                                        on_result=record_levels,
+                                        max_steps=config.train.max_eval_steps)
     test = run.test_section(evaluation, top_n, batch_size)
     all_positives = np.concatenate(positives)
     test["per_level_recall"] = {}
@@ -352,10 +371,9 @@ def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
         "start_level": levels[0] if levels else None})
     dirs = None
     if config.train.export:
-        dirs = {retrieval_export.MISS_MODEL_NAME: retrieval_export.export_retrieval(
-            index, run.export_dir(retrieval_export.MISS_MODEL_NAME), k=top_n,
-            max_seq_len=run.seq_len, warmup_features=run.warmup_features(),
-            max_batch_size=config.train.export_max_batch_size)}
+        dirs = {retrieval_export.MISS_MODEL_NAME: run.export(
+            retrieval_export.MISS_MODEL_NAME, index, k=top_n,
+            warmup_features=run.warmup_features())}
     return run.end(result, dirs)
 
 
@@ -392,15 +410,17 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
     run.release_codes()
     top_n = min(retrieval.top_n, len(catalogue))
     start = time.perf_counter()
-    candidates = model.candidate_embeddings(catalogue.item_ids)
+    with run.stages("candidate embeddings"):
+        candidates = model.candidate_embeddings(catalogue.item_ids)
     candidate_seconds = time.perf_counter() - start
     brute_force = brute_force_index(candidates, catalogue.item_ids, top_n,
                                     query_model=model.user_tower)
     batch_size = config.data.eval_batch_size
     bf_search = tf.function(lambda features: brute_force(features, k=top_n),
                             input_signature=[serving_signature(run.seq_len)], autograph=False)
-    evaluation = evaluate_retrieval(bf_search, run.test_batches(batch_size),
-                                    max_steps=config.train.max_eval_steps)
+    with run.stages("test evaluation, brute force"):
+        evaluation = evaluate_retrieval(bf_search, run.test_batches(batch_size),
+                                        max_steps=config.train.max_eval_steps)
     test = run.test_section(evaluation, top_n, batch_size)
     test["index"] = "brute_force"
     scann_layer = None
@@ -411,17 +431,19 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
         # The configured tree up to 100^2 items, ~sqrt(N) leaves above (scaled_tree).
         leaves, to_search = scaled_tree(len(catalogue), retrieval.scann_leaves,
                                         retrieval.scann_leaves_to_search)
-        scann_layer = scann_index(candidates, catalogue.item_ids, top_n, num_leaves=leaves,
-                                  num_leaves_to_search=to_search,
-                                  num_reordering_candidates=reordering_candidates(
-                                      len(catalogue), top_n),
-                                  query_model=model.user_tower)
+        with run.stages("ScaNN build"):
+            scann_layer = scann_index(candidates, catalogue.item_ids, top_n,
+                                      num_leaves=leaves, num_leaves_to_search=to_search,
+                                      num_reordering_candidates=reordering_candidates(
+                                          len(catalogue), top_n),
+                                      query_model=model.user_tower)
         scann_build = time.perf_counter() - start
         scann_search = tf.function(lambda features: scann_layer(features, k=top_n),
                                    input_signature=[serving_signature(run.seq_len)],
                                    autograph=False)
-        scann_eval = evaluate_retrieval(scann_search, run.test_batches(batch_size),
-                                        max_steps=config.train.max_eval_steps)
+        with run.stages("test evaluation, ScaNN"):
+            scann_eval = evaluate_retrieval(scann_search, run.test_batches(batch_size),
+                                            max_steps=config.train.max_eval_steps)
         scann_test = run.test_section(scann_eval, top_n, batch_size, popularity=False)
         overlap = np.mean([len(np.intersect1d(a, b)) / top_n for a, b in
                            zip(evaluation["retrieved"], scann_eval["retrieved"], strict=True)])
@@ -436,15 +458,13 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
     dirs = None
     if config.train.export:
         warmup = run.warmup_features()
-        dirs = {retrieval_export.BRUTE_FORCE_MODEL_NAME: retrieval_export.export_retrieval(
-            brute_force, run.export_dir(retrieval_export.BRUTE_FORCE_MODEL_NAME),
-            k=top_n, max_seq_len=run.seq_len, warmup_features=warmup,
-            max_batch_size=config.train.export_max_batch_size)}
+        dirs = {retrieval_export.BRUTE_FORCE_MODEL_NAME: run.export(
+            retrieval_export.BRUTE_FORCE_MODEL_NAME, brute_force, k=top_n,
+            warmup_features=warmup)}
         if scann_layer is not None:
-            dirs[retrieval_export.SCANN_MODEL_NAME] = retrieval_export.export_retrieval(
-                scann_layer, run.export_dir(retrieval_export.SCANN_MODEL_NAME),
-                k=top_n, max_seq_len=run.seq_len, scann=True, warmup_features=warmup,
-                max_batch_size=config.train.export_max_batch_size)
+            dirs[retrieval_export.SCANN_MODEL_NAME] = run.export(
+                retrieval_export.SCANN_MODEL_NAME, scann_layer, k=top_n, scann=True,
+                warmup_features=warmup)
     return run.end(result, dirs)
 
 
