@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from muse_tf.bench_common import print_table
+from muse_tf.export import names
 from muse_tf.profiling import TreeRssSampler
 
 STAGES = ("generate", "beam", "train", "serve", "tree", "miss", "two_tower")
@@ -50,8 +51,8 @@ LIMITS: dict[str, tuple[float | None, float | None]] = {
     "serve": (None, 24.0), "tree": (1800.0, 12.0), "miss": (None, 24.0),
     "two_tower": (None, 24.0)}
 #: stage -> (experiment, the export the server answers from).
-RETRIEVAL_STAGES = {"miss": ("miss_retrieval", "miss_retrieval"),
-                    "two_tower": ("two_tower", "two_tower_scann")}
+RETRIEVAL_STAGES = {"miss": ("miss_retrieval", names.MISS_MODEL_NAME),
+                    "two_tower": ("two_tower", names.SCANN_MODEL_NAME)}
 _GB = 1e9
 
 
@@ -91,10 +92,9 @@ def _request(model_name: str, data_dir: str, seq_len: int) -> dict[str, Any]:
     from muse_tf.data.data_dir import DataDir
     from muse_tf.export import ranking as export
     from muse_tf.export import requests
-    from muse_tf.export.names import RANKING_MODEL_NAME
 
     examples = export.warmup_batch(DataDir.open(data_dir), seq_len)
-    if model_name == RANKING_MODEL_NAME:
+    if model_name == names.RANKING_MODEL_NAME:
         return ranking_request(examples, seq_len, 100)
     return requests.retrieval_queries_from_examples(examples, max_seq_len=seq_len,
                                                     num_requests=1)[0]
@@ -222,10 +222,8 @@ def bench_scale(items: int, users: int, samples: int, seq_len: int, work_dir: st
         if not train("train", experiment, model_dir):
             return rows
     if "serve" in stages:
-        from muse_tf.export.names import RANKING_MODEL_NAME, ranking_base_path
-
-        for row in _serve(RANKING_MODEL_NAME, ranking_base_path(model_dir),
-                          _request(RANKING_MODEL_NAME, data, seq_len),
+        for row in _serve(names.RANKING_MODEL_NAME, names.ranking_base_path(model_dir),
+                          _request(names.RANKING_MODEL_NAME, data, seq_len),
                           os.path.join(logs, "serve.log")):
             record(row, "serve")
     if "tree" in stages:
@@ -234,12 +232,10 @@ def bench_scale(items: int, users: int, samples: int, seq_len: int, work_dir: st
     for stage, (run_experiment, served) in RETRIEVAL_STAGES.items():
         if stage not in stages:
             continue
-        from muse_tf.export.names import retrieval_base_path
-
         run_dir = os.path.join(work_dir, stage)
         if train(stage, run_experiment, run_dir, "--set=train.epochs=1",
                  f"--set=train.max_eval_steps={eval_steps}"):
-            for row in _serve(served, retrieval_base_path(run_dir, served),
+            for row in _serve(served, names.retrieval_base_path(run_dir, served),
                               _request(served, data, seq_len),
                               os.path.join(logs, f"{stage}_serve.log"), prefix=f"{stage}: "):
                 record(row, stage)

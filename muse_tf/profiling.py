@@ -115,5 +115,9 @@ class StageTimer:
                                  "peak_rss_bytes": float(rss_bytes("VmHWM")),
                                  "rss_after_bytes": float(rss_bytes())}
 
+    def seconds(self, name: str) -> float:
+        """Wall seconds of the finished stage ``name``."""
+        return self.stages[name]["seconds"]
+
     def as_dict(self) -> dict[str, Any]:
         return {name: dict(values) for name, values in self.stages.items()}

@@ -166,7 +166,7 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
         history = model.fit(train_ds, epochs=schedule.periods,
                             steps_per_epoch=schedule.period_steps, callbacks=callbacks,
                             verbose=config.train.verbose)
-    train_seconds = stages.stages["train"]["seconds"]
+    train_seconds = stages.seconds("train")
     losses = (resume.losses(history) if resume is not None
               else [float(x) for x in history.history.get("loss", [])])
     periods_run = len(losses)
@@ -177,7 +177,7 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
         predictions = evaluation.predict_split(
             model, test_ds, config.train.max_eval_steps,
             step=None if validator is None else validator.step, data=data, split="test")
-    eval_seconds = stages.stages["test evaluation"]["seconds"]
+    eval_seconds = stages.seconds("test evaluation")
     test = evaluation.evaluate_predictions(predictions)
     test["examples_per_sec"] = test["examples"] / eval_seconds if eval_seconds else None
     result: dict[str, Any] = {

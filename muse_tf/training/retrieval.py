@@ -292,12 +292,11 @@ def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
     """Builds the tree, trains the MISS scorer, evaluates the beam search, exports."""
     run = _Run(config, model_dir, data_dir)
     retrieval, catalogue, tables = config.retrieval, run.catalogue, run.tables
-    start = time.perf_counter()
     with run.stages("tree build"):
         # From the int8 codes by reference: no float32 copy of the catalogue (18 GB at 35.4M).
         tree = IndexTree.build_from_codes(catalogue.codes, catalogue.item_ids,
                                           code_rows=catalogue.code_rows, seed=config.data.seed)
-    tree_seconds = time.perf_counter() - start
+    tree_seconds = run.stages.seconds("tree build")
     if run.chief:
         tree.save(os.path.join(model_dir, TREE_FILE))
     if config.train.verbose:
@@ -409,10 +408,8 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
     # would otherwise need beside it).
     run.release_codes()
     top_n = min(retrieval.top_n, len(catalogue))
-    start = time.perf_counter()
     with run.stages("candidate embeddings"):
         candidates = model.candidate_embeddings(catalogue.item_ids)
-    candidate_seconds = time.perf_counter() - start
     brute_force = brute_force_index(candidates, catalogue.item_ids, top_n,
                                     query_model=model.user_tower)
     batch_size = config.data.eval_batch_size
@@ -427,7 +424,6 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
     try:
         from muse_tf.index.scann_index import reordering_candidates, scaled_tree, scann_index
 
-        start = time.perf_counter()
         # The configured tree up to 100^2 items, ~sqrt(N) leaves above (scaled_tree).
         leaves, to_search = scaled_tree(len(catalogue), retrieval.scann_leaves,
                                         retrieval.scann_leaves_to_search)
@@ -437,7 +433,6 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
                                       num_reordering_candidates=reordering_candidates(
                                           len(catalogue), top_n),
                                       query_model=model.user_tower)
-        scann_build = time.perf_counter() - start
         scann_search = tf.function(lambda features: scann_layer(features, k=top_n),
                                    input_signature=[serving_signature(run.seq_len)],
                                    autograph=False)
@@ -447,14 +442,16 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
         scann_test = run.test_section(scann_eval, top_n, batch_size, popularity=False)
         overlap = np.mean([len(np.intersect1d(a, b)) / top_n for a, b in
                            zip(evaluation["retrieved"], scann_eval["retrieved"], strict=True)])
-        scann_test.update(overlap_with_brute_force=float(overlap), build_seconds=scann_build,
+        scann_test.update(overlap_with_brute_force=float(overlap),
+                          build_seconds=run.stages.seconds("ScaNN build"),
                           **scann_layer.describe())
         test["scann"] = scann_test
     except ImportError as err:
         test["scann"] = {"error": str(err)}
     result = run.finish(test, training, index={
         "kind": "factorized", "items": len(catalogue), "tower_dim": retrieval.tower_dim,
-        "candidate_embedding_seconds": candidate_seconds, "top_n": top_n})
+        "candidate_embedding_seconds": run.stages.seconds("candidate embeddings"),
+        "top_n": top_n})
     dirs = None
     if config.train.export:
         warmup = run.warmup_features()
