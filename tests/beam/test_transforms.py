@@ -467,8 +467,13 @@ def test_metadata_refuses_rows_that_do_not_add_up():
                           "reasons": transforms.SAMPLE_REASONS, "records_dir": "train"}}
     counts = {("train", transforms.ROWS_READ): 5, ("train", transforms.EXAMPLES_WRITTEN): 3,
               ("train", "rejected.null_id"): 1}
-    with pytest.raises(RuntimeError, match="train: rows read 5 != examples_written 3"):
+    with pytest.raises(RuntimeError, match="train: rows read 5 != examples_written 3") as lost:
         transforms.build_metadata("/out", sections, {"max_seq_len": 4}, counts, {}, [])
+    assert "lost between two stages" in str(lost.value)   # fewer out than in: the runner
+    counts[("train", "rejected.null_id")] = 3
+    with pytest.raises(RuntimeError, match="rows read 5 != examples_written 3") as extra:
+        transforms.build_metadata("/out", sections, {"max_seq_len": 4}, counts, {}, [])
+    assert "lost between two stages" not in str(extra.value)   # more out than in: a bug here
     counts[("train", "rejected.null_id")] = 2
     metadata = transforms.build_metadata("/out", sections, {"max_seq_len": 4}, counts, {},
                                          ["/out/train/part-0.tfrecord.gz"])
