@@ -149,8 +149,9 @@ class TrainingNodes:
     negatives (the distribution of :meth:`IndexTree.ancestors` +
     :meth:`IndexTree.sample_negatives`). Stateless random ops: the same ``(item ids, seed)``
     always give the same nodes, so a tf.data pipeline that maps it over
-    ``(batch, step counter)`` is deterministic. The per-item arrays and the id -> position
-    table are host-side variables and a lookup table, not constants of the pipeline's graph.
+    ``(batch, step counter)`` is deterministic. The per-item arrays and the ascending ids
+    (searched for an id's position) are host-side variables, not constants of the
+    pipeline's graph.
 
     Call: ``(item_ids int64 [Q], seed int [2]) -> (nodes int32 [Q, W], labels float32 [Q,
     W])`` with ``W = depth * (1 + negatives_per_level)``; level ``l`` occupies columns
@@ -188,19 +189,27 @@ class TrainingNodes:
         self._leaf_rank = _host_variable(
             np.searchsorted(valid_leaves, tree.item_leaf).astype(np.int32), "leaf_rank")
         self._valid_leaves = _host_variable(valid_leaves.astype(np.int32), "valid_leaves")
-        with tf.init_scope(), tf.device("/CPU:0"):
-            self._positions = tf.lookup.StaticHashTable(
-                tf.lookup.KeyValueTensorInitializer(
-                    tf.constant(np.asarray(tree.item_ids, np.int64)),
-                    tf.range(tree.num_items, dtype=tf.int64)), default_value=-1)
+        # id -> position by binary search over the ascending ids (8 bytes an item: 283 MB at
+        # 35.4M; a hash table of the same 35.4M ids held 1.71 GB, measured).
+        self._item_ids = _host_variable(np.asarray(tree.item_ids, np.int64), "item_ids")
+
+    def _positions(self, item_ids: tf.Tensor) -> tf.Tensor:
+        """int64 (shape of ``item_ids``): each id's position in the tree's ids, -1 if absent."""
+        ids = tf.convert_to_tensor(item_ids, tf.int64)
+        flat = tf.reshape(ids, [1, -1])
+        sorted_ids = tf.reshape(self._item_ids, [1, -1])
+        index = tf.searchsorted(sorted_ids, flat, side="left", out_type=tf.int64)[0]
+        index = tf.minimum(index, tf.size(self._item_ids, out_type=tf.int64) - 1)
+        found = tf.gather(self._item_ids, index) == flat[0]
+        return tf.reshape(tf.where(found, index, -1), tf.shape(ids))
 
     def contains(self, item_ids: tf.Tensor) -> tf.Tensor:
         """bool (shape of ``item_ids``): which raw item ids the tree holds."""
-        return self._positions.lookup(tf.convert_to_tensor(item_ids, tf.int64)) >= 0
+        return self._positions(item_ids) >= 0
 
     def __call__(self, item_ids: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         ids = tf.reshape(tf.convert_to_tensor(item_ids, tf.int64), [-1])
-        positions = self._positions.lookup(ids)
+        positions = self._positions(ids)
         check = tf.debugging.assert_non_negative(
             positions, message="TrainingNodes: item ids not in the tree (filter clicks on "
                                "TrainingNodes.contains first)")
@@ -286,6 +295,12 @@ class MissNodeScorer(TwoOptimizerModel):
       item_categories: ``(item ids, category ids)``: each item's raw category id (e.g.
         :func:`~muse_tf.training.retrieval_data.item_categories`), read when ``S < L``;
         items not in it get the OOV category row.
+      release_item_codes: called (once) as soon as nothing the constructor still does reads
+        the item codes of ``mm_table`` or ``tree``: after the frozen table is loaded when
+        the node tables read only the tree's stored rows (``T <=``
+        :attr:`IndexTree.stored_depth`), else after the node tables are filled. The caller
+        drops its host copy there (4.5 GB at 35.4M items), before the node tables and the
+        optimiser slots take their memory. Not part of the config.
     """
 
     def __init__(self, config: ModelConfig, vocabularies: Mapping[str, Vocabulary | dict],
@@ -296,6 +311,7 @@ class MissNodeScorer(TwoOptimizerModel):
                  learned_node_levels: int = AUTO_LEARNED_LEVELS,
                  stored_multimodal_depth: int | None = None,
                  item_categories: tuple[np.ndarray, np.ndarray] | None = None,
+                 release_item_codes: Callable[[], None] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if config.top_k < 2:
@@ -352,6 +368,10 @@ class MissNodeScorer(TwoOptimizerModel):
             short_term_len=config.short_term_len,
             use_user_attributes=config.use_user_attributes, mm_table=mm_table,
             mm_storage_dtype=config.mm_storage_dtype, name="features")
+        del mm_table  # the frozen table holds the codes now
+        release_early = tree is None or self.stored_multimodal_depth <= tree.stored_depth
+        if release_item_codes is not None and release_early:
+            release_item_codes()
         node_dim = self.features.behaviour_dim
         self.node_embedding = tf.keras.layers.Embedding(
             (2 << self.learned_node_levels) - 1, node_dim, name="node_embedding",
@@ -374,6 +394,8 @@ class MissNodeScorer(TwoOptimizerModel):
             _fill_rows(self.node_mm, lambda a, b: normalise_rows(node_vectors[a:b]))
         if tree is not None:
             self._load_tree(tree, item_categories)
+        if release_item_codes is not None and not release_early:
+            release_item_codes()
         self.gsu = CoMultimodalGSU(config.top_k, table=self.features.mm_table, name="gsu_miss")
         self.attention = TargetAttention(config.num_heads, config.head_dim,
                                          key_dim=node_dim, name="esu_target_attention")

@@ -302,7 +302,8 @@ def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
     if config.train.verbose:
         print(f"[{config.name}] index tree: {tree} built in {tree_seconds:.1f}s", flush=True)
 
-    targets = TrainingNodes(tree, retrieval.negatives_per_level)
+    with run.stages("training nodes"):
+        targets = TrainingNodes(tree, retrieval.negatives_per_level)
     seed = tf.constant(config.data.seed, tf.int64)
 
     def with_nodes(batch: dict[str, tf.Tensor], step: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -322,12 +323,22 @@ def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
 
     def build() -> MissNodeScorer:
         full_tree, item_tables = for_build.pop("tree"), for_build.pop("tables")
-        scorer = MissNodeScorer(config.model, item_tables.vocabularies, tree=full_tree,
+        vocabularies, mm_dim, codes = (item_tables.vocabularies, item_tables.mm_dim,
+                                       [item_tables.mm_table])
+        del item_tables  # the host codes must have no holder left here when released
+
+        def release() -> None:
+            """The frozen table holds the codes: the run's, the catalogue's and the tree's
+            references go before the node tables and the optimiser slots are allocated."""
+            run.release_codes()
+            full_tree.release_item_vectors()
+
+        scorer = MissNodeScorer(config.model, vocabularies, tree=full_tree,
                                 learned_node_levels=learned,
                                 item_categories=for_build.pop("categories"),
-                                mm_table=item_tables.mm_table, mm_dim=item_tables.mm_dim,
+                                mm_table=codes.pop(), mm_dim=mm_dim,
+                                release_item_codes=release,
                                 name=f"miss_scorer_{config.name}")
-        run.release_codes()
         return scorer
 
     scorer, training = run.fit(build, keep=targets.contains, add_targets=with_nodes)

@@ -189,6 +189,14 @@ def test_training_nodes_are_deterministic_in_the_seed_and_reject_unknown_items(s
     assert not np.array_equal(targets(items, [7, 4])[0].numpy(), first)
     np.testing.assert_array_equal(targets.contains(tf.constant([100, 99, 110], tf.int64)).numpy(),
                                   [True, False, True])
+    # Below the first id, past the last, between ids, any shape (binary search, not a table).
+    probe = tf.constant([[111, 105], [-5, 2**62]], tf.int64)
+    np.testing.assert_array_equal(targets.contains(probe).numpy(), [[False, True], [False, False]])
+    # The positives of an id are those of its own leaf, wherever it sits in the sorted ids.
+    for item in (100, 105, 110):
+        leaf = small_tree.item_leaf[np.searchsorted(small_tree.item_ids, item)]
+        nodes = targets(tf.constant([item], tf.int64), [1, 1])[0].numpy()[0]
+        assert nodes[(targets.depth - 1) * 3] == leaf
     with pytest.raises(tf.errors.InvalidArgumentError, match="not in the tree"):
         targets(tf.constant([100, 99], tf.int64), [0, 0])
 
@@ -635,3 +643,33 @@ def test_export_reloads_without_muse_tf_or_scann_and_returns_the_same_items(
     np.testing.assert_array_equal(outputs["item_ids"], expected_ids.numpy())
     np.testing.assert_allclose(outputs["scores"], expected_scores.numpy(), rtol=1e-5, atol=1e-5)
     assert set(serving_signature(SEQ_LEN)) == set(QUERY_FEATURES)
+
+
+@pytest.mark.parametrize("stored_multimodal_depth", [None, "depth"], ids=["stored", "all"])
+def test_item_codes_are_released_once_the_tables_no_longer_read_them(world, tiny_data_dir,
+                                                                     stored_multimodal_depth):
+    mm_ids, mm_vectors = artifacts.load_mm_embeddings(tiny_data_dir)
+    tree = IndexTree.build(normalise_rows(mm_vectors), mm_ids)   # its own: it is released
+    depth = tree.depth if stored_multimodal_depth == "depth" else stored_multimodal_depth
+    early = depth is None or depth <= tree.stored_depth
+    seen = []
+
+    def release() -> None:   # what the run does: the tree's item vectors go
+        seen.append(None)
+        tree.release_item_vectors()
+
+    reference = new_scorer({**world, "tree": tree}, learned_node_levels=PARTIAL_LEVELS,
+                           stored_multimodal_depth=depth)
+    released = new_scorer({**world, "tree": tree}, learned_node_levels=PARTIAL_LEVELS,
+                          stored_multimodal_depth=depth, release_item_codes=release)
+    assert len(seen) == 1
+    # Same tables either way: nothing read the codes after they went (when released early,
+    # the node tables came from the stored rows alone).
+    for mine, theirs in zip(released.weights, reference.weights, strict=True):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+    stored = np.arange((2 << tree.stored_depth) - 1)   # the stored rows stay readable
+    assert tree.vectors_of(stored).shape == (stored.size, tree.dim)
+    if tree.stored_depth < tree.depth:   # below the stored rows the tree now refuses
+        with pytest.raises(RuntimeError, match="item vectors were released"):
+            tree.vectors_of(np.array([tree.num_nodes - 1]))
+    assert early or depth == tree.depth
