@@ -44,6 +44,7 @@ class BestWeightsEarlyStopping(tf.keras.callbacks.EarlyStopping):
             raise ValueError("BestWeightsEarlyStopping always restores the best weights; use "
                              "tf.keras.callbacks.EarlyStopping otherwise")
         super().__init__(restore_best_weights=True, **kwargs)
+        self._keep_current = False  # the last period kept its own weights (no snapshot)
 
     def snapshot(self) -> None:
         """Take the current values of :func:`changing_variables` as the best weights."""
@@ -93,7 +94,7 @@ class BestWeightsEarlyStopping(tf.keras.callbacks.EarlyStopping):
             if self.baseline is None or self._is_improvement(current, self.baseline):
                 self.wait = 0
             return
-        if self.best_weights is None and not getattr(self, "_keep_current", False):
+        if self.best_weights is None and not self._keep_current:
             self._keep(epoch)  # no progress yet: keep the first period's weights
         if self.wait >= self.patience and epoch > 0:
             self.stopped_epoch = epoch
@@ -102,7 +103,7 @@ class BestWeightsEarlyStopping(tf.keras.callbacks.EarlyStopping):
     def on_train_end(self, logs: dict | None = None) -> None:
         if self.stopped_epoch > 0 and self.verbose > 0:
             tf.print(f"Epoch {self.stopped_epoch + 1}: early stopping")
-        if self.best_weights is not None and not getattr(self, "_keep_current", False):
+        if self.best_weights is not None and not self._keep_current:
             if self.verbose > 0:
                 tf.print("Restoring model weights from the end of the best epoch: "
                          f"{self.best_epoch + 1}.")

@@ -316,16 +316,14 @@ def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
     # categories (nodes below the learned levels embed their items: item ⊕ category); once
     # its weights hold them they go (N * D bytes of codes and the stored means: 5.6 GB at
     # 35.4M items), before training. The run keeps the tree's layout.
-    for_build = {"tree": tree, "tables": tables, "categories": (
-        item_categories(run.data, "train") if learned < tree.depth else None)}
+    for_build = {"tree": tree, "vocabularies": tables.vocabularies, "mm_table": tables.mm_table,
+                 "mm_dim": tables.mm_dim, "categories": (
+                     item_categories(run.data, "train") if learned < tree.depth else None)}
     del tables
     tree = _layout_of(tree)
 
     def build() -> MissNodeScorer:
-        full_tree, item_tables = for_build.pop("tree"), for_build.pop("tables")
-        vocabularies, mm_dim, codes = (item_tables.vocabularies, item_tables.mm_dim,
-                                       [item_tables.mm_table])
-        del item_tables  # the host codes must have no holder left here when released
+        full_tree = for_build.pop("tree")
 
         def release() -> None:
             """The frozen table holds the codes: the run's, the catalogue's and the tree's
@@ -333,13 +331,13 @@ def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
             run.release_codes()
             full_tree.release_item_vectors()
 
-        scorer = MissNodeScorer(config.model, vocabularies, tree=full_tree,
-                                learned_node_levels=learned,
-                                item_categories=for_build.pop("categories"),
-                                mm_table=codes.pop(), mm_dim=mm_dim,
-                                release_item_codes=release,
-                                name=f"miss_scorer_{config.name}")
-        return scorer
+        # Popped, not held here: the codes must have no holder in this frame when released.
+        return MissNodeScorer(config.model, for_build.pop("vocabularies"), tree=full_tree,
+                              learned_node_levels=learned,
+                              item_categories=for_build.pop("categories"),
+                              mm_table=for_build.pop("mm_table"),
+                              mm_dim=for_build.pop("mm_dim"), release_item_codes=release,
+                              name=f"miss_scorer_{config.name}")
 
     scorer, training = run.fit(build, keep=targets.contains, add_targets=with_nodes)
 
