@@ -11,9 +11,7 @@ every epoch has the same number of steps and the progress bar a total.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -23,7 +21,7 @@ from muse_tf import schema
 from muse_tf.data import reader
 from muse_tf.data.data_dir import DataDir, split_files
 from muse_tf.embeddings.arrays import code_inverse_norms, in_sorted, normalise_rows
-from muse_tf.embeddings.id_lookup import DENSE_DELETED_KEY, DENSE_EMPTY_KEY
+from muse_tf.embeddings.sorted_ids import SortedIds
 from muse_tf.training.strategy import shard_for_strategy
 
 __all__ = ["Catalogue", "ClickCounts", "SamplingProbabilities", "click_counts",
@@ -36,10 +34,6 @@ MODEL_COLUMNS: tuple[str, ...] = (*schema.QUERY_FEATURES, schema.ITEM_ID.name)
 
 #: Rows normalised per step by :attr:`Catalogue.vectors`.
 _VECTOR_CHUNK_ROWS = 65536
-#: Ids inserted into :meth:`Catalogue.contains_op`'s table per step (8 MB of keys).
-_TABLE_INSERT_ROWS = 1 << 20
-#: The dense table's maximum load factor (the op's default): it is sized to stay below it.
-_TABLE_MAX_LOAD = 0.8
 #: Impressions whose (item, category) pairs :func:`item_categories` counts at a time.
 _PAIR_MERGE_ROWS = 1 << 23
 #: ``keep(item_ids int64 [N]) -> bool [N]``: which clicked items a pipeline keeps.
@@ -55,8 +49,8 @@ class Catalogue:
     (:meth:`muse_tf.index.tree.IndexTree.build_from_codes`); :attr:`vectors` computes the
     float32 unit vectors ``[N, D]`` on each access, chunk by chunk, into one array of ``N * D
     * 4`` bytes (18 GB for TAOBAO-MM's 35.4M items: for small catalogues only).
-    :meth:`contains_op` holds the ids once more, in a hash table of 9 bytes per bucket (the
-    next power of two above ``N / 0.8`` buckets: 604 MB for 35.4M items).
+    :meth:`contains_op` holds the ids once more, in a host variable (8 bytes an item: 283 MB
+    for 35.4M items).
     """
 
     def __init__(self, mm_ids: np.ndarray, mm_vectors: np.ndarray) -> None:
@@ -71,7 +65,7 @@ class Catalogue:
         self._dim = int(mm_vectors.shape[1])
         self.item_ids = mm_ids[self._index]
         self.dropped = int(len(mm_ids) - len(kept))
-        self._table: tf.lookup.experimental.DenseHashTable | None = None
+        self._lookup: SortedIds | None = None
 
     @property
     def dim(self) -> int:
@@ -116,48 +110,11 @@ class Catalogue:
 
     def contains_op(self, item_ids: tf.Tensor) -> tf.Tensor:
         """:meth:`contains` in TF ops, for tf.data pipelines: bool of the shape of
-        ``item_ids`` (int64).
-
-        The ids live in a ``DenseHashTable`` int64 -> bool, built and filled eagerly on first
-        use (also when that is while a tf.data function is traced), :data:`_TABLE_INSERT_ROWS`
-        ids at a time: never a graph constant of all N ids inside the pipeline's function.
-        The two keys such a table reserves (``DENSE_EMPTY_KEY``, ``DENSE_DELETED_KEY`` of
-        :mod:`muse_tf.embeddings.id_lookup`) are answered without it.
-        """
-        if self._table is None:
-            self._table = _membership_table(self.item_ids)
-        has_empty, has_deleted = self.contains(np.array([DENSE_EMPTY_KEY, DENSE_DELETED_KEY]))
-        item_ids = tf.convert_to_tensor(item_ids, tf.int64)
-        flat = tf.reshape(item_ids, [-1])  # the dense table looks up a flat key vector
-        empty, deleted = flat == DENSE_EMPTY_KEY, flat == DENSE_DELETED_KEY
-        found = self._table.lookup(tf.where(empty | deleted, tf.zeros_like(flat), flat))
-        found = tf.where(empty, bool(has_empty), tf.where(deleted, bool(has_deleted), found))
-        return tf.reshape(found, tf.shape(item_ids))
-
-
-def _membership_table(item_ids: np.ndarray) -> tf.lookup.experimental.DenseHashTable:
-    """A ``DenseHashTable`` int64 -> bool holding ``item_ids`` (but the two keys it reserves)
-    -> True: ``9 * buckets`` bytes, buckets the next power of two above ``N / 0.8``."""
-    return _filled_dense_table(item_ids, np.ones(len(item_ids), bool), False,
-                               "catalogue_items")
-
-
-def _filled_dense_table(keys: np.ndarray, values: np.ndarray, default: Any,
-                        name: str) -> tf.lookup.experimental.DenseHashTable:
-    """A ``DenseHashTable`` int64 -> ``values.dtype`` holding ``keys -> values`` (but the two
-    keys it reserves), built and filled eagerly :data:`_TABLE_INSERT_ROWS` rows at a time,
-    so no graph (a tf.data function's included) ever holds the keys as a constant."""
-    buckets = 1 << max(4, math.ceil(math.log2(len(keys) / _TABLE_MAX_LOAD + 1)))
-    with tf.init_scope():
-        table = tf.lookup.experimental.DenseHashTable(
-            key_dtype=tf.int64, value_dtype=tf.as_dtype(values.dtype), default_value=default,
-            empty_key=DENSE_EMPTY_KEY, deleted_key=DENSE_DELETED_KEY,
-            initial_num_buckets=buckets, name=name)
-        for start in range(0, len(keys), _TABLE_INSERT_ROWS):
-            chunk = keys[start:start + _TABLE_INSERT_ROWS]
-            usable = (chunk != DENSE_EMPTY_KEY) & (chunk != DENSE_DELETED_KEY)
-            table.insert(chunk[usable], values[start:start + _TABLE_INSERT_ROWS][usable])
-    return table
+        ``item_ids`` (int64). A binary search over the ids in a host variable made on first
+        use (:class:`~muse_tf.embeddings.sorted_ids.SortedIds`: never a graph constant)."""
+        if self._lookup is None:
+            self._lookup = SortedIds(self.item_ids, "catalogue_items")
+        return self._lookup.contains(item_ids)
 
 
 def _context_batches(data_dir: str | DataDir, split: str,
@@ -298,7 +255,8 @@ class SamplingProbabilities:
         self.item_ids = item_ids[order]
         self.probabilities = (counts[order] / self.total_clicks).astype(np.float32)
         self.floor = float(self.UNSEEN_CLICKS / self.total_clicks)
-        self._table: tf.lookup.experimental.DenseHashTable | None = None
+        self._lookup: SortedIds | None = None
+        self._q: tf.Variable | None = None
 
     def lookup(self, item_ids: np.ndarray) -> np.ndarray:
         """float32 ``q`` of ``item_ids`` (NumPy; the floor for ids without kept clicks)."""
@@ -309,20 +267,17 @@ class SamplingProbabilities:
 
     def lookup_op(self, item_ids: tf.Tensor) -> tf.Tensor:
         """:meth:`lookup` in TF ops, for tf.data pipelines: float32 of the shape of
-        ``item_ids``. The ``q`` live in a ``DenseHashTable`` filled eagerly on first use (no
-        graph constant of the clicked ids); the two keys it reserves
-        (``DENSE_EMPTY_KEY``, ``DENSE_DELETED_KEY``) are answered without it."""
-        if self._table is None:
-            self._table = _filled_dense_table(self.item_ids, self.probabilities,
-                                              np.float32(self.floor), "sampling_probabilities")
-        reserved = np.array([DENSE_EMPTY_KEY, DENSE_DELETED_KEY])
-        q_empty, q_deleted = self.lookup(reserved)
-        item_ids = tf.convert_to_tensor(item_ids, tf.int64)
-        flat = tf.reshape(item_ids, [-1])  # the dense table looks up a flat key vector
-        empty, deleted = flat == DENSE_EMPTY_KEY, flat == DENSE_DELETED_KEY
-        q = self._table.lookup(tf.where(empty | deleted, tf.zeros_like(flat), flat))
-        q = tf.where(empty, q_empty, tf.where(deleted, q_deleted, q))
-        return tf.reshape(q, tf.shape(item_ids))
+        ``item_ids``. A binary search over the clicked ids
+        (:class:`~muse_tf.embeddings.sorted_ids.SortedIds`) and a gather of their ``q``,
+        both host variables made on first use (no graph constant of the clicked ids)."""
+        if self._lookup is None:
+            self._lookup = SortedIds(self.item_ids, "sampling_item_ids")
+            with tf.init_scope(), tf.device("/CPU:0"):
+                self._q = tf.Variable(np.append(self.probabilities, np.float32(self.floor)),
+                                      trainable=False, name="sampling_probabilities")
+        at = self._lookup.positions(item_ids)
+        # Absent ids (-1) read the floor, stored after the last probability.
+        return tf.gather(self._q, tf.where(at < 0, tf.cast(len(self.item_ids), tf.int64), at))
 
 
 def clicked_dataset(data: str | DataDir, split: str, batch_size: int, max_seq_len: int, *,

@@ -377,7 +377,7 @@ def test_warmup_requests_are_one_user_rows_of_the_signature():
     assert len(warmup_requests(None, 6)) == 1
 
 
-def test_catalogue_membership_op_answers_the_dense_tables_reserved_keys():
+def test_catalogue_membership_op_answers_the_former_dense_table_keys():
     from muse_tf.embeddings.id_lookup import DENSE_DELETED_KEY, DENSE_EMPTY_KEY
 
     catalogue = retrieval_data.Catalogue(np.array([DENSE_EMPTY_KEY, 5, -7], np.int64),
@@ -390,7 +390,7 @@ def test_catalogue_membership_op_answers_the_dense_tables_reserved_keys():
     np.testing.assert_array_equal(next(iter(mapped)).numpy(), expected)
 
 
-def test_sampling_probability_op_answers_the_dense_tables_reserved_keys():
+def test_sampling_probability_op_answers_the_former_dense_table_keys():
     from muse_tf.embeddings.id_lookup import DENSE_DELETED_KEY, DENSE_EMPTY_KEY
 
     sampling = retrieval_data.SamplingProbabilities(
