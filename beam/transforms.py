@@ -1458,7 +1458,7 @@ class WriteMetadata(beam.DoFn):
 RUNNER_LOSS_HINT = (
     ". Rows that were read but neither kept nor rejected were lost between two stages, inside "
     "the runner: every DoFn here accounts for each row it receives. Seen with Beam 2.77's "
-    "local FnApiRunner in multi_processing mode on a loaded machine (35.4M-item catalogue: "
+    "local FnApiRunner in multi_processing mode, loaded or idle (35.4M-item catalogue: "
     "key blocks that ParseItemKeys emitted never reached ResolveItems); no metadata.json was "
     "written, so the output is not usable. Rerun, or run in-process (the default runner, or "
     "--direct_running_mode in_memory), which did not lose rows in the same conditions.")
