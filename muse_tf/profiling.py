@@ -98,15 +98,24 @@ class StageTimer:
     """Records wall seconds and this process's peak RSS of each named stage, in order.
 
     The peak of a stage is ``VmHWM`` read at its end after a reset at its start, so it is
-    the stage's own peak (where the reset is refused, the process's peak so far).
+    the stage's own peak (where the reset is refused, the process's peak so far). With a
+    ``label`` it also prints a line when each stage starts and when it ends (seconds, peak
+    and resident GB), so a run of hours shows where it is and what each part cost even
+    when it dies before its metrics are written.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, label: str | None = None) -> None:
         self.stages: dict[str, dict[str, float]] = {}
+        self.label = label
+
+    def _say(self, text: str) -> None:
+        if self.label is not None:
+            print(f"[{self.label}] {text}", flush=True)
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         reset_peak_rss()
+        self._say(f"stage {name!r} started (resident {rss_bytes() / 1e9:.2f} GB)")
         start = time.perf_counter()
         try:
             yield
@@ -114,6 +123,10 @@ class StageTimer:
             self.stages[name] = {"seconds": time.perf_counter() - start,
                                  "peak_rss_bytes": float(rss_bytes("VmHWM")),
                                  "rss_after_bytes": float(rss_bytes())}
+            stage = self.stages[name]
+            self._say(f"stage {name!r} took {stage['seconds']:.1f} s, peak "
+                      f"{stage['peak_rss_bytes'] / 1e9:.2f} GB, resident after "
+                      f"{stage['rss_after_bytes'] / 1e9:.2f} GB")
 
     def seconds(self, name: str) -> float:
         """Wall seconds of the finished stage ``name``."""

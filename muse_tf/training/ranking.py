@@ -128,7 +128,7 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
     if config.task != "ranking":
         raise ValueError(f"{config.name}: task {config.task!r} is not a ranking task; run it "
                          "with muse_tf.training.experiment.run_experiment")
-    stages = StageTimer()
+    stages = StageTimer(config.name if config.train.verbose else None)
     with stages("prepare"):
         data = runs.prepare_run(config, model_dir, data)
     strategy = make_strategy(config.train.strategy)
@@ -170,6 +170,7 @@ def run_ranking(config: config_lib.ExperimentConfig, model_dir: str,
     losses = (resume.losses(history) if resume is not None
               else [float(x) for x in history.history.get("loss", [])])
     periods_run = len(losses)
+    model.release_training_state()  # the optimizer slots: never read by evaluation or export
 
     test_ds = reader.make_dataset(data, "test", config.data.eval_batch_size,
                                   max_seq_len=seq_len, shuffle=False, deterministic=True)

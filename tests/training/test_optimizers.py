@@ -259,6 +259,37 @@ def test_each_optimizer_applies_its_own_learning_rate_to_its_own_variables(
     assert int(model.optimizer.iterations.numpy()) == 1
 
 
+def test_release_training_state_frees_every_slot_and_keeps_predictions():
+    import weakref
+
+    model = _trained(steps=2)
+    slots = [weakref.ref(v) for optimizer in (model.embedding_optimizer, model.optimizer)
+             for v in optimizer.variables]
+    assert len(slots) >= 6  # iterations + m, v of the embedding and of the dense weight
+    before = model({"ids": tf.constant(IDS)}).numpy()
+    model.release_training_state()
+    assert model.optimizer is None and model.embedding_optimizer is None
+    # Nothing (the traced train step included) holds a slot any more: each is freed.
+    assert [ref() is None for ref in slots] == [True] * len(slots)
+    np.testing.assert_array_equal(model({"ids": tf.constant(IDS)}).numpy(), before)
+
+
+def test_release_unregisters_the_train_steps_custom_gradients():
+    from muse_tf.training import step
+
+    with tf.distribute.get_strategy().scope():
+        model = TinyTwoOptimizerModel()
+        model.compile_with_learning_rates(0.1, 0.01)
+        model.build_for({"ids": tf.constant(IDS)})
+    before = step._registered_custom_gradients()
+    model.fit(_dataset(), steps_per_epoch=1, epochs=1, verbose=0)
+    # tf.distribute's all_reduce of the dense gradients is a graph-mode custom gradient: its
+    # registration holds the train step's graph, and through it every captured slot.
+    assert step._registered_custom_gradients() > before
+    model.release_training_state()
+    assert step._registered_custom_gradients() == before
+
+
 def test_compile_picks_the_optimizers_and_rejects_unknown_ones():
     model = TinyTwoOptimizerModel()
     model.compile_with_learning_rates(0.1, 0.01)
