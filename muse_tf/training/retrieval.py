@@ -47,7 +47,9 @@ Writes ``config.yaml``, ``vocab/``, ``checkpoints/``, ``logs/``, ``metrics.json`
 
 from __future__ import annotations
 
+import gc
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -125,7 +127,7 @@ class _Run:
         self.config = config
         self.model_dir = model_dir
         #: Wall seconds and peak RSS of each part of the run (``metrics.json`` ``stages``).
-        self.stages = StageTimer()
+        self.stages = StageTimer(config.name if config.train.verbose else None)
         with self.stages("prepare"):
             self.data = runs.prepare_run(config, model_dir, data_dir)
         # Before the first TensorFlow op: multi_worker configures the collectives at start-up.
@@ -136,13 +138,15 @@ class _Run:
         self.out_dir = make_work_dir(model_dir, self.strategy)
         with self.stages("item tables"):
             self.tables: ItemTables = build_item_tables(config, self.data, self.out_dir)
-        self.catalogue = Catalogue(self.tables.mm_ids, self.tables.mm_vectors)
-        if len(self.catalogue) < 2:
-            raise ValueError(f"{self.data.path}: the multimodal table holds "
-                             f"{len(self.catalogue)} usable item(s); retrieval needs at least 2")
-        self.seq_len = runs.max_seq_len_of(config, self.data)
-        self.popular_ids, self.popular_counts = click_counts(self.data, "train")
-        self.clicks = ClickCounts.of(self.popular_ids, self.popular_counts, self.catalogue)
+        with self.stages("catalogue and clicks"):
+            self.catalogue = Catalogue(self.tables.mm_ids, self.tables.mm_vectors)
+            if len(self.catalogue) < 2:
+                raise ValueError(f"{self.data.path}: the multimodal table holds "
+                                 f"{len(self.catalogue)} usable item(s); retrieval needs at "
+                                 "least 2")
+            self.seq_len = runs.max_seq_len_of(config, self.data)
+            self.popular_ids, self.popular_counts = click_counts(self.data, "train")
+            self.clicks = ClickCounts.of(self.popular_ids, self.popular_counts, self.catalogue)
         batch = config.data.batch_size
         self.steps = runs.steps_per_epoch(config, self.clicks.clicks_in_index, batch)
         if not self.clicks.clicks_in_index or not self.steps:
@@ -189,6 +193,10 @@ class _Run:
             # last value of each epoch), after those of the epochs before a resume.
             losses = (resume.losses(history) if resume is not None
                       else [float(x) for x in history.history.get("loss", [])])
+        # The optimizer slots go before the candidate vectors / the tree's scores are made
+        # (with Adam, 4.5 GB at 35.4M items).
+        with self.stages("release optimizer state"):
+            model.release_training_state()
         seconds = time.perf_counter() - start
         steps = self.steps * len(losses)
         return model, {
@@ -385,6 +393,12 @@ def run_miss(config: config_lib.ExperimentConfig, model_dir: str,
     return run.end(result, dirs)
 
 
+def _search_function(index: Any, k: int, seq_len: int) -> Callable:
+    """``index``'s top-``k`` of query features, traced once for the serving signature."""
+    return tf.function(lambda features: index(features, k=k),
+                       input_signature=[serving_signature(seq_len)], autograph=False)
+
+
 def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
                   data_dir: str | DataDir | None = None) -> dict[str, Any]:
     """Trains the two-tower model; evaluates brute-force and ScaNN top-k; exports both."""
@@ -415,36 +429,51 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
     # The model's frozen table holds the codes now: the host copy goes before the candidate
     # matrix and the indexes are built (at 35.4M items 4.5 GB of the ~20 GB the ScaNN build
     # would otherwise need beside it).
-    run.release_codes()
+    with run.stages("release host codes"):
+        run.release_codes()
     top_n = min(retrieval.top_n, len(catalogue))
     with run.stages("candidate embeddings"):
         candidates = model.candidate_embeddings(catalogue.item_ids)
     brute_force = brute_force_index(candidates, catalogue.item_ids, top_n,
                                     query_model=model.user_tower)
     batch_size = config.data.eval_batch_size
-    bf_search = tf.function(lambda features: brute_force(features, k=top_n),
-                            input_signature=[serving_signature(run.seq_len)], autograph=False)
+    bf_search = _search_function(brute_force, top_n, run.seq_len)
     with run.stages("test evaluation, brute force"):
         evaluation = evaluate_retrieval(bf_search, run.test_batches(batch_size),
                                         max_steps=config.train.max_eval_steps)
     test = run.test_section(evaluation, top_n, batch_size)
     test["index"] = "brute_force"
+    dirs: dict[str, str] | None = None
+    warmup = run.warmup_features() if config.train.export else None
+    if config.train.export:
+        dirs = {retrieval_export.BRUTE_FORCE_MODEL_NAME: run.export(
+            retrieval_export.BRUTE_FORCE_MODEL_NAME, brute_force, k=top_n,
+            warmup_features=warmup)}
     scann_layer = None
     try:
         from muse_tf.index.scann_index import reordering_candidates, scaled_tree, scann_index
 
-        # The configured tree up to 100^2 items, ~sqrt(N) leaves above (scaled_tree).
-        leaves, to_search = scaled_tree(len(catalogue), retrieval.scann_leaves,
-                                        retrieval.scann_leaves_to_search)
-        with run.stages("ScaNN build"):
-            scann_layer = scann_index(candidates, catalogue.item_ids, top_n,
-                                      num_leaves=leaves, num_leaves_to_search=to_search,
-                                      num_reordering_candidates=reordering_candidates(
-                                          len(catalogue), top_n),
-                                      query_model=model.user_tower)
-        scann_search = tf.function(lambda features: scann_layer(features, k=top_n),
-                                   input_signature=[serving_signature(run.seq_len)],
-                                   autograph=False)
+        # ScaNN trains on copies of its input (2.1x its bytes above it: 9.4 GB at 35.4M x
+        # 32), so the candidate matrix leaves memory first: spilled to a scratch file that
+        # the build reads through a read-only map (pages the kernel can drop), and the
+        # brute-force index that shared it is done (evaluated, exported) and freed.
+        with tempfile.TemporaryDirectory(prefix="candidates_", dir=run.out_dir) as scratch:
+            with run.stages("spill candidates"):
+                spilled = os.path.join(scratch, "candidates.npy")
+                np.save(spilled, candidates)
+                del brute_force, bf_search, candidates
+                gc.collect()
+            # The configured tree up to 100^2 items, ~sqrt(N) leaves above (scaled_tree).
+            leaves, to_search = scaled_tree(len(catalogue), retrieval.scann_leaves,
+                                            retrieval.scann_leaves_to_search)
+            with run.stages("ScaNN build"):
+                scann_layer = scann_index(np.load(spilled, mmap_mode="r"), catalogue.item_ids,
+                                          top_n, num_leaves=leaves,
+                                          num_leaves_to_search=to_search,
+                                          num_reordering_candidates=reordering_candidates(
+                                              len(catalogue), top_n),
+                                          query_model=model.user_tower)
+        scann_search = _search_function(scann_layer, top_n, run.seq_len)
         with run.stages("test evaluation, ScaNN"):
             scann_eval = evaluate_retrieval(scann_search, run.test_batches(batch_size),
                                             max_steps=config.train.max_eval_steps)
@@ -461,16 +490,10 @@ def run_two_tower(config: config_lib.ExperimentConfig, model_dir: str,
         "kind": "factorized", "items": len(catalogue), "tower_dim": retrieval.tower_dim,
         "candidate_embedding_seconds": run.stages.seconds("candidate embeddings"),
         "top_n": top_n})
-    dirs = None
-    if config.train.export:
-        warmup = run.warmup_features()
-        dirs = {retrieval_export.BRUTE_FORCE_MODEL_NAME: run.export(
-            retrieval_export.BRUTE_FORCE_MODEL_NAME, brute_force, k=top_n,
-            warmup_features=warmup)}
-        if scann_layer is not None:
-            dirs[retrieval_export.SCANN_MODEL_NAME] = run.export(
-                retrieval_export.SCANN_MODEL_NAME, scann_layer, k=top_n, scann=True,
-                warmup_features=warmup)
+    if dirs is not None and scann_layer is not None:
+        dirs[retrieval_export.SCANN_MODEL_NAME] = run.export(
+            retrieval_export.SCANN_MODEL_NAME, scann_layer, k=top_n, scann=True,
+            warmup_features=warmup)
     return run.end(result, dirs)
 
 
