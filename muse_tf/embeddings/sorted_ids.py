@@ -14,7 +14,15 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["SortedIds"]
+__all__ = ["SortedIds", "host_variable"]
+
+
+def host_variable(values: np.ndarray, name: str) -> tf.Variable:
+    """A non-trainable variable on the host CPU (where tf.data functions run) holding
+    ``values``, created eagerly (also while a tf.data or ``tf.function`` graph is traced), so
+    the values are never a constant of that graph."""
+    with tf.init_scope(), tf.device("/CPU:0"):
+        return tf.Variable(values, trainable=False, name=name)
 
 
 class SortedIds:
@@ -34,10 +42,8 @@ class SortedIds:
             raise ValueError(f"SortedIds({name!r}): ids must be strictly ascending; "
                              f"ids[{first}]={ids[first]} >= ids[{first + 1}]={ids[first + 1]}")
         self.size = len(ids)
-        with tf.init_scope(), tf.device("/CPU:0"):
-            # One empty-safe sentinel row keeps the gather below in range when N = 0.
-            self._ids = tf.Variable(ids if len(ids) else np.zeros(1, np.int64),
-                                    trainable=False, name=name)
+        # One sentinel row keeps the variable non-empty when N = 0 (positions() never reads it).
+        self._ids = host_variable(ids if len(ids) else np.zeros(1, np.int64), name)
 
     def positions(self, ids: tf.Tensor) -> tf.Tensor:
         """int64 (shape of ``ids``): each id's index in the ascending ids, -1 if absent."""

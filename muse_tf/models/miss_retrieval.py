@@ -60,7 +60,7 @@ from muse_tf.embeddings.arrays import normalise_rows
 from muse_tf.embeddings.feature_embeddings import VALID, FeatureEmbeddings
 from muse_tf.embeddings.id_lookup import NUM_RESERVED_ROWS, OOV_ROW, PADDING_ROW
 from muse_tf.embeddings.multimodal_table import _write_rows as write_rows
-from muse_tf.embeddings.sorted_ids import SortedIds
+from muse_tf.embeddings.sorted_ids import SortedIds, host_variable
 from muse_tf.index.beam_search import BeamSearchResult, TreeTensors, tree_beam_search
 from muse_tf.index.tree import IndexTree
 from muse_tf.layers import CoMultimodalGSU, MLPTower, TargetAttention
@@ -124,13 +124,6 @@ def learned_levels(depth: int, learned_node_levels: int = AUTO_LEARNED_LEVELS) -
     return int(min(learned_node_levels, depth))
 
 
-def _host_variable(values: np.ndarray, name: str) -> tf.Variable:
-    """A non-trainable variable on the host CPU (where tf.data functions run) holding
-    ``values``, created eagerly."""
-    with tf.init_scope(), tf.device("/CPU:0"):
-        return tf.Variable(values, trainable=False, name=name)
-
-
 def _fill_rows(variable: tf.Variable, rows: Callable[[int, int], np.ndarray]) -> None:
     """Writes ``rows(a, b)`` into ``variable[a:b]`` for every :data:`_FILL_ROWS` block, in
     place (eagerly): no constant initializer, so no graph ever holds the table (2 GB proto
@@ -186,10 +179,10 @@ class TrainingNodes:
         # captured by the pipeline's map function would be serialised with the dataset
         # graph whenever tf.data rewrites it (2 GB proto limit). int32 holds node ids of
         # depth <= 30 and ranks < 2**31.
-        self._item_leaf = _host_variable(tree.item_leaf.astype(np.int32), "item_leaf")
-        self._leaf_rank = _host_variable(
+        self._item_leaf = host_variable(tree.item_leaf.astype(np.int32), "item_leaf")
+        self._leaf_rank = host_variable(
             np.searchsorted(valid_leaves, tree.item_leaf).astype(np.int32), "leaf_rank")
-        self._valid_leaves = _host_variable(valid_leaves.astype(np.int32), "valid_leaves")
+        self._valid_leaves = host_variable(valid_leaves.astype(np.int32), "valid_leaves")
         # id -> position by binary search over the ascending ids (8 bytes an item: 283 MB at
         # 35.4M; a hash table of the same 35.4M ids held 1.71 GB, measured).
         self._item_ids = SortedIds(np.asarray(tree.item_ids, np.int64), "item_ids")

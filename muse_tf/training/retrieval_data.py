@@ -21,7 +21,7 @@ from muse_tf import schema
 from muse_tf.data import reader
 from muse_tf.data.data_dir import DataDir, split_files
 from muse_tf.embeddings.arrays import code_inverse_norms, in_sorted, normalise_rows
-from muse_tf.embeddings.sorted_ids import SortedIds
+from muse_tf.embeddings.sorted_ids import SortedIds, host_variable
 from muse_tf.training.strategy import shard_for_strategy
 
 __all__ = ["Catalogue", "ClickCounts", "SamplingProbabilities", "click_counts",
@@ -272,9 +272,8 @@ class SamplingProbabilities:
         both host variables made on first use (no graph constant of the clicked ids)."""
         if self._lookup is None:
             self._lookup = SortedIds(self.item_ids, "sampling_item_ids")
-            with tf.init_scope(), tf.device("/CPU:0"):
-                self._q = tf.Variable(np.append(self.probabilities, np.float32(self.floor)),
-                                      trainable=False, name="sampling_probabilities")
+            self._q = host_variable(np.append(self.probabilities, np.float32(self.floor)),
+                                    "sampling_probabilities")
         at = self._lookup.positions(item_ids)
         # Absent ids (-1) read the floor, stored after the last probability.
         return tf.gather(self._q, tf.where(at < 0, tf.cast(len(self.item_ids), tf.int64), at))
