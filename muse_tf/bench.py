@@ -627,6 +627,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="`scale`: training steps of each training stage")
     parser.add_argument("--eval-steps", type=int, default=5,
                         help="`scale`: query batches the retrieval stages evaluate")
+    parser.add_argument("--keep-outputs", action="store_true",
+                        help="`scale`: keep each training stage's checkpoints and exports "
+                             "(default: removed once served; about 80 GB at 35.4M items)")
     parser.add_argument("--json", help="also write all figures to this JSON file")
     args = parser.parse_args(argv)
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="muse_tf_bench_")
@@ -669,7 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        work_dir, raw_dir=args.raw,
                                        stages=[s for s in args.stages.split(",") if s],
                                        train_steps=args.train_steps,
-                                       eval_steps=args.eval_steps)
+                                       eval_steps=args.eval_steps,
+                                       keep_outputs=args.keep_outputs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=float)

@@ -16,13 +16,17 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n## {title}")
     if not rows:
         return
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(key for row in rows for key in row))  # every row's, in order
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()]
+        cells = [_cell(row.get(key, "")) for key in keys]
         print("| " + " | ".join(cells) + " |")
     sys.stdout.flush()
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def ranking_request(examples: dict[str, np.ndarray], seq_len: int,

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -57,6 +58,38 @@ LIMITS: dict[str, tuple[float | None, float | None]] = {
 RETRIEVAL_STAGES = {"miss": ("miss_retrieval", names.MISS_MODEL_NAME),
                     "two_tower": ("two_tower", names.SCANN_MODEL_NAME)}
 _GB = 1e9
+#: What :func:`_release_outputs` keeps of a served run directory (the figures and the logs).
+_KEPT_OUTPUTS = ("metrics.json", "config.yaml", "logs")
+
+
+def _tree_bytes(path: str) -> int:
+    """Bytes of the files under ``path`` (0 if it does not exist)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:  # removed while walking
+                pass
+    return total
+
+
+def _release_outputs(run_dir: str) -> dict[str, Any]:
+    """Removes a served run's checkpoints, exports and index (all but
+    :data:`_KEPT_OUTPUTS`); returns the disk it held and what is free afterwards. The whole
+    path at 35.4M items writes about 80 GB (a ranking export of 6.3 GB and checkpoints of
+    7.8 GB, MISS 27 GB, two-tower 29.5 GB); released stage by stage, about 40 GB with the
+    raw tables and the Beam output."""
+    held = _tree_bytes(run_dir)
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else ():
+        if name not in _KEPT_OUTPUTS:
+            path = os.path.join(run_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    return {"disk_GB": held / _GB, "disk_free_GB": shutil.disk_usage(
+        os.path.dirname(os.path.abspath(run_dir))).free / _GB}
 
 
 def _run(name: str, command: Sequence[str], log_path: str,
@@ -161,8 +194,12 @@ def _serve(model_name: str, export_base: str, inputs: dict[str, Any], log_path: 
 def bench_scale(items: int, users: int, samples: int, seq_len: int, work_dir: str,
                 raw_dir: str | None = None, stages: Sequence[str] = STAGES,
                 train_steps: int = 50, experiment: str = "muse",
-                eval_steps: int = 5) -> list[dict[str, Any]]:
-    """Runs the ``stages`` in order; returns one row per stage (and per training part)."""
+                eval_steps: int = 5, keep_outputs: bool = False) -> list[dict[str, Any]]:
+    """Runs the ``stages`` in order; returns one row per stage (and per training part).
+
+    A training stage's run directory (checkpoints, exports, the MISS index) is removed once
+    its export has been served in this run, unless ``keep_outputs``: its size is the
+    ``disk_GB`` of its last serving row (beside ``disk_free_GB`` after the removal)."""
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; known: {list(STAGES)}")
@@ -177,7 +214,11 @@ def bench_scale(items: int, users: int, samples: int, seq_len: int, work_dir: st
 
     def record(row: dict[str, Any], stage: str) -> bool:
         rows.append(_limits(row, stage))
-        print(f"[scale] {row['stage']}: {row['seconds']:.1f} s, peak {row['peak_rss_GB']:.2f} GB"
+        seconds = row["seconds"]
+        took = f"{seconds:.1f} s" if seconds >= 1 else f"{1e3 * seconds:.1f} ms"
+        disk = (f", wrote {row['disk_GB']:.1f} GB (released; {row['disk_free_GB']:.0f} GB free)"
+                if "disk_GB" in row else "")
+        print(f"[scale] {row['stage']}: {took}, peak {row['peak_rss_GB']:.2f} GB{disk}"
               f"{'' if row.get('returncode', 0) == 0 else ' FAILED, see ' + row['log']}",
               flush=True)
         return row.get("returncode", 0) == 0
@@ -223,24 +264,29 @@ def bench_scale(items: int, users: int, samples: int, seq_len: int, work_dir: st
     if "train" in stages:
         if not train("train", experiment, model_dir):
             return rows
+    def served(stage: str, run_dir: str, served_rows: list[dict[str, Any]]) -> None:
+        if not keep_outputs:
+            served_rows[-1].update(_release_outputs(run_dir))
+        for row in served_rows:
+            record(row, stage)
+
     if "serve" in stages:
-        for row in _serve(names.RANKING_MODEL_NAME, names.ranking_base_path(model_dir),
-                          _request(names.RANKING_MODEL_NAME, data, seq_len),
-                          os.path.join(logs, "serve.log")):
-            record(row, "serve")
+        served("serve", model_dir, _serve(
+            names.RANKING_MODEL_NAME, names.ranking_base_path(model_dir),
+            _request(names.RANKING_MODEL_NAME, data, seq_len), os.path.join(logs, "serve.log")))
     if "tree" in stages:
         record(_run("tree", [python, "-m", "muse_tf.index.tree_bench", "--data", data],
                     os.path.join(logs, "tree.log")), "tree")
-    for stage, (run_experiment, served) in RETRIEVAL_STAGES.items():
+    for stage, (run_experiment, model_name) in RETRIEVAL_STAGES.items():
         if stage not in stages:
             continue
         run_dir = os.path.join(work_dir, stage)
         if train(stage, run_experiment, run_dir, "--set=train.epochs=1",
                  f"--set=train.max_eval_steps={eval_steps}"):
-            for row in _serve(served, names.retrieval_base_path(run_dir, served),
-                              _request(served, data, seq_len),
-                              os.path.join(logs, f"{stage}_serve.log"), prefix=f"{stage}: "):
-                record(row, stage)
+            served(stage, run_dir, _serve(
+                model_name, names.retrieval_base_path(run_dir, model_name),
+                _request(model_name, data, seq_len), os.path.join(logs, f"{stage}_serve.log"),
+                prefix=f"{stage}: "))
     print_table(f"scale: {items:,} items, {users:,} users, {samples:,} samples, L = {seq_len} "
            f"(each stage its own process; peak = summed RSS of its process tree)",
            [{k: v for k, v in r.items() if k not in ("log", "log_tail")} for r in rows])
